@@ -1,0 +1,1 @@
+"""Triton kernels of sfd_fast (installed as sfd_fast.kernels)."""

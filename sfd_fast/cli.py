@@ -1,0 +1,214 @@
+"""``sfd-fast``: command-line entry point. It only parses arguments and builds configs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import SFD_PRESETS, UNET_PRESETS, SFDConfig, UNetConfig
+
+
+def _classes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class indices like '0' or '0,3', got {text!r}")
+
+
+def _override(text: str) -> tuple[int, ...] | None:
+    return None if text == "random" else _classes(text)
+
+
+def _add_forget_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--forget", type=_classes, default=(0,), metavar="C[,C..]",
+                   help="class(es) to forget (default: 0)")
+    p.add_argument("--override", type=_override, default=(1,), metavar="C[,C..]|random",
+                   help="override class per forget class, or 'random' for a uniformly drawn remaining class "
+                        "per sample (default: 1)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sfd-fast", description=(
+        "Score Forgetting Distillation: distil a class-conditional diffusion model into a one-step "
+        "generator that no longer generates the forgotten classes."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run the whole story on the embedded MNIST subset (CPU, minutes)",
+                       description="Load the committed teacher and classifier, forget a class with SFD, "
+                                   "evaluate, and write metrics.json, PNG grids and the generator to --out.")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
+    p.add_argument("--steps", type=int, default=None, help="SFD iterations (default: the demo's measured budget)")
+    p.add_argument("--per-class", type=int, default=100, help="evaluation samples per class (default: 100)")
+    p.add_argument("--teacher-steps", type=int, default=18,
+                   help="Heun steps of the teacher sampler; NFE = 2*steps-1 (default: 18)")
+    _add_forget_args(p)
+    _add_common(p)
+
+    p = sub.add_parser("pretrain-teacher", help="train a class-conditional EDM teacher on the embedded data",
+                       description="Train the teacher with the EDM loss on the embedded MNIST subset and save "
+                                   "it (diffusers config + safetensors) to --out.")
+    p.add_argument("--out", type=Path, required=True, help="output model directory")
+    p.add_argument("--preset", default="demo", choices=sorted(UNET_PRESETS), help="UNet preset (default: demo)")
+    p.add_argument("--steps", type=int, default=4000, help="optimizer steps (default: 4000)")
+    p.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    _add_common(p)
+
+    p = sub.add_parser("train-classifier", help="train the evaluation classifier on the embedded data",
+                       description="Train the small CNN that scores generated digits; saves safetensors.")
+    p.add_argument("--out", type=Path, required=True, help="output .safetensors file")
+    p.add_argument("--resolution", type=int, default=16, help="image side (default: 16)")
+    p.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
+    _add_common(p)
+
+    p = sub.add_parser("distill", help="run SFD on a teacher from a local directory",
+                       description="Distil a teacher (a directory written by pretrain-teacher/save_denoiser, or a "
+                                   "diffusers DDPM pipeline with unet/ and scheduler/) into a one-step generator "
+                                   "that forgets --forget. Hyperparameters start from --preset and --config.")
+    p.add_argument("--teacher", type=Path, required=True, help="teacher model directory")
+    p.add_argument("--out", type=Path, required=True, help="output folder (generator/, config.json, train_log.json)")
+    p.add_argument("--steps", type=int, default=1000, help="SFD iterations (default: 1000)")
+    p.add_argument("--preset", default="reference", choices=sorted(SFD_PRESETS),
+                   help="SFD hyperparameter preset (default: reference)")
+    p.add_argument("--config", type=Path, help="JSON file of SFDConfig fields overriding the preset")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one SFDConfig field (JSON value), e.g. --set lr_gen=1e-4; repeatable")
+    p.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cuda"],
+                   help="loss implementation (default: $SFD_FAST_BACKEND or auto)")
+    _add_forget_args(p)
+    _add_common(p)
+
+    p = sub.add_parser("evaluate", help="score a generator or a teacher sampler with the classifier",
+                       description="Forget/override/remain accuracy of a one-step generator (--generator) or a "
+                                   "teacher's Heun sampler (--teacher); writes metrics.json and a class grid.")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--generator", type=Path, help="generator directory written by distill/demo")
+    who.add_argument("--teacher", type=Path, help="teacher model directory (sampled with Heun)")
+    p.add_argument("--classifier", type=Path, default=None, help="classifier .safetensors (default: embedded)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--per-class", type=int, default=100, help="samples per class (default: 100)")
+    p.add_argument("--teacher-steps", type=int, default=18, help="Heun steps for --teacher (default: 18)")
+    _add_forget_args(p)
+    _add_common(p)
+    return parser
+
+
+def _sfd_config(args) -> SFDConfig:
+    config = SFDConfig.from_name(args.preset).to_dict()
+    if args.config is not None:
+        config.update(json.loads(args.config.read_text()))
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        config[key] = json.loads(value)
+    config.update(forget_classes=args.forget, override_classes=args.override, seed=args.seed)
+    return SFDConfig.from_dict(config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    progress = not args.no_progress
+    try:
+        return _run(args, progress)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"sfd-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args, progress: bool) -> int:
+    import torch
+
+    from .evaluate import write_json
+
+    if args.command == "demo":
+        from .demo import run_demo
+
+        m = run_demo(args.out, steps=args.steps, seed=args.seed, forget=args.forget, override=args.override,
+                     per_class=args.per_class, teacher_steps=args.teacher_steps, device=args.device,
+                     progress=progress)
+        print(f"one-step generator: forget_accuracy={m['forget_accuracy']:.3f} override_rate={m['override_rate']:.3f} "
+              f"remain_accuracy={m['remain_accuracy']:.3f} (NFE 1)")
+        print(f"teacher sampler:    remain_accuracy={m['teacher_remain_accuracy']:.3f} "
+              f"forget_accuracy={m['teacher_forget_accuracy']:.3f} (NFE {m['teacher_nfe']})")
+        print(f"steps={m['steps']} seconds={m['seconds']:.0f} acceptance={m['passed']}")
+        print(f"wrote {args.out}/metrics.json, samples_generator.png, samples_teacher.png, generator/")
+        return 0 if all(m["passed"].values()) else 1
+
+    if args.command == "pretrain-teacher":
+        from .data import load_embedded_mnist
+        from .networks import save_denoiser
+        from .pretrain import pretrain_teacher
+
+        unet_config = UNetConfig.from_name(args.preset)
+        images, labels = load_embedded_mnist("train", unet_config.resolution)
+        torch.manual_seed(args.seed)
+        teacher = pretrain_teacher(images, labels, unet_config, steps=args.steps, batch_size=args.batch_size,
+                                   lr=args.lr, seed=args.seed, progress=progress)
+        save_denoiser(teacher, args.out)
+        print(f"saved teacher to {args.out}")
+        return 0
+
+    if args.command == "train-classifier":
+        from .classifier import train_classifier
+        from .data import load_embedded_mnist
+
+        images, labels = load_embedded_mnist("train", args.resolution)
+        model = train_classifier(images, labels, epochs=args.epochs, seed=args.seed, progress=progress)
+        test_x, test_y = load_embedded_mnist("test", args.resolution)
+        accuracy = (model.predict(test_x) == test_y).float().mean().item()
+        model.save(args.out)
+        print(f"saved classifier to {args.out}; test accuracy {accuracy:.4f} on {len(test_y)} held-out digits")
+        return 0
+
+    if args.command == "distill":
+        from .distill import distill
+        from .networks import load_denoiser, save_generator
+
+        config = _sfd_config(args)
+        teacher = load_denoiser(args.teacher, args.device)
+        log = []
+        state = distill(teacher, config, args.steps, device=args.device, backend=args.backend, progress=progress,
+                        on_log=lambda step, m: log.append({"step": step, **m}))
+        args.out.mkdir(parents=True, exist_ok=True)
+        save_generator(state.generator_ema, args.out / "generator")
+        write_json(config.to_dict(), args.out / "config.json")
+        write_json({"log": log}, args.out / "train_log.json")
+        print(f"saved generator to {args.out / 'generator'}")
+        return 0
+
+    if args.command == "evaluate":
+        from .classifier import CLASSIFIER_FILE, DigitClassifier
+        from .evaluate import class_grid, evaluate_sampler, teacher_sampler
+        from .forget import ForgetSpec
+        from .networks import load_denoiser, load_generator
+
+        classifier = DigitClassifier.load(args.classifier or CLASSIFIER_FILE, args.device)
+        if args.generator is not None:
+            sampler = load_generator(args.generator, args.device)
+            nfe, num_classes, shape = 1, sampler.denoiser.num_classes, sampler.denoiser.image_shape
+        else:
+            teacher = load_denoiser(args.teacher, args.device)
+            sampler, nfe = teacher_sampler(teacher, args.teacher_steps)
+            num_classes, shape = teacher.num_classes, teacher.image_shape
+        spec = ForgetSpec(num_classes, args.forget, args.override)
+        metrics = evaluate_sampler(sampler, nfe, classifier, spec, shape, per_class=args.per_class, seed=args.seed,
+                                   device=args.device)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(metrics, args.out / "metrics.json")
+        class_grid(sampler, num_classes, 10, shape, args.out / "samples.png", device=args.device)
+        print(json.dumps(metrics, indent=2))
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Configuration dataclasses: the SFD hyperparameters (SPEC sections 2-3) and UNet presets.
+
+Every field carries its default from the reference method and a one-line reason. Configs are
+plain data: they validate themselves, round-trip through JSON, and the CLI only builds them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Shape of the diffusers ``UNet2DModel`` behind every denoiser (teacher, fake score, G)."""
+
+    resolution: int = 16                    # image side in pixels
+    channels: int = 1                       # image channels
+    num_classes: int = 10                   # class-conditioning vocabulary (nn.Embedding)
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # channels per resolution level
+    attention_levels: tuple[bool, ...] = (False, False, True)  # self-attention per down block
+    layers_per_block: int = 1               # resnet blocks per level
+    norm_num_groups: int = 8                # GroupNorm groups
+    attention_head_dim: int = 32            # channels per attention head
+    dropout: float = 0.0                    # SiD trains G and fake score without dropout
+
+    def __post_init__(self) -> None:
+        _check(len(self.block_out_channels) == len(self.attention_levels),
+               f"attention_levels has {len(self.attention_levels)} entries but "
+               f"block_out_channels has {len(self.block_out_channels)}; they must match")
+        down = 2 ** (len(self.block_out_channels) - 1)
+        _check(self.resolution % down == 0,
+               f"resolution {self.resolution} must be divisible by {down} "
+               f"({len(self.block_out_channels)} levels halve it {len(self.block_out_channels) - 1} times)")
+        _check(self.num_classes >= 2, f"num_classes must be >= 2, got {self.num_classes}")
+        _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+               f"every entry of block_out_channels {self.block_out_channels} must be divisible "
+               f"by norm_num_groups={self.norm_num_groups}")
+
+    @classmethod
+    def from_name(cls, name: str) -> "UNetConfig":
+        try:
+            return UNET_PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown UNet preset {name!r}; known: {sorted(UNET_PRESETS)}") from None
+
+
+UNET_PRESETS: dict[str, UNetConfig] = {
+    # Unit tests: a few thousand parameters, 8x8 images.
+    "tiny": UNetConfig(resolution=8, block_out_channels=(16, 32), attention_levels=(False, True),
+                       attention_head_dim=16),
+    # The embedded CPU demo: 16x16 MNIST, ~1M parameters.
+    "demo": UNetConfig(),
+    # GPU benchmark scale: CIFAR-10-like 32x32 RGB, ~50M parameters (EDM DDPM++ ballpark).
+    "cifar": UNetConfig(resolution=32, channels=3, block_out_channels=(128, 256, 256, 256),
+                        attention_levels=(False, True, False, False), layers_per_block=2,
+                        norm_num_groups=32, attention_head_dim=64),
+}
+
+
+@dataclass(frozen=True)
+class SFDConfig:
+    """Every hyperparameter of one SFD run (SPEC sections 2-3), with the reference defaults."""
+
+    # --- what to forget -------------------------------------------------------------
+    forget_classes: tuple[int, ...] = (0,)  # classes whose generations are pushed away
+    override_classes: tuple[int, ...] | None = (1,)  # safe target per forget class; None = random remaining class per sample
+    # --- batch ----------------------------------------------------------------------
+    batch_size: int = 64                    # remain-class samples per step
+    forget_batch_size: int = 16             # forget-class samples per step
+    # --- generator --------------------------------------------------------------------
+    sigma_init: float = 2.5                 # G(z, c) = D(sigma_init * z, sigma_init, c)
+    # --- EDM noise for the fake-score step ----------------------------------------------
+    p_mean: float = -1.2                    # log-normal sigma: mean of ln(sigma)
+    p_std: float = 1.2                      # log-normal sigma: std of ln(sigma)
+    sigma_data: float = 0.5                 # data std for EDM preconditioning and loss weight
+    # --- SiD noise for the generator step -----------------------------------------------
+    t_max: float = 800.0                    # t ~ U(0, t_max / 1000) on the EDM (rho) schedule
+    sigma_min: float = 0.002                # EDM schedule lower end
+    sigma_max: float = 80.0                 # EDM schedule upper end
+    rho: float = 7.0                        # EDM schedule curvature
+    alpha: float = 1.2                      # SiD loss mixing coefficient
+    omega_min: float = 1e-5                 # lower clip of the per-sample normaliser omega
+    # --- SFD weights ----------------------------------------------------------------
+    lambda_sg: float = 0.01                 # weight of the forget-class EDM loss (fake-score step)
+    lambda_g: float = 0.01                  # weight of the forget (score-based MU) term (generator step)
+    # --- loss scales (reference code: sum over batch * scale / batch size) --------------
+    fake_loss_scale: float = 1.0            # fake-score loss multiplier
+    gen_loss_scale: float = 100.0           # generator loss multiplier
+    # --- optimisation ---------------------------------------------------------------
+    lr_gen: float = 1e-5                    # Adam lr for G (CIFAR-10 scale reference)
+    lr_fake: float = 1e-5                   # Adam lr for the fake score
+    adam_betas: tuple[float, float] = (0.0, 0.999)  # SiD uses no first-moment momentum
+    adam_eps: float = 1e-8                  # 1e-6 is the reference value for fp16 training
+    grad_clip_value: float | None = 1.0     # clip G's gradients by value (SFD); None disables
+    # --- EMA of G -------------------------------------------------------------------
+    ema_halflife_kimg: float = 0.5          # EMA half-life in thousands of generated images
+    ema_rampup_ratio: float | None = 0.05   # half-life <= ratio * images seen so far
+    # --- reproducibility --------------------------------------------------------------
+    seed: int = 0                           # seeds the state's own torch.Generator
+
+    def __post_init__(self) -> None:
+        # JSON and CLI hand in lists; keep tuples so the config stays hashable.
+        object.__setattr__(self, "forget_classes", tuple(int(c) for c in self.forget_classes))
+        if self.override_classes is not None:
+            object.__setattr__(self, "override_classes", tuple(int(c) for c in self.override_classes))
+        object.__setattr__(self, "adam_betas", tuple(float(b) for b in self.adam_betas))
+        _check(len(self.forget_classes) >= 1, "forget_classes is empty; give at least one class to forget")
+        _check(len(set(self.forget_classes)) == len(self.forget_classes),
+               f"forget_classes {self.forget_classes} contains duplicates")
+        if self.override_classes is not None:
+            _check(len(self.override_classes) == len(self.forget_classes),
+                   f"override_classes {self.override_classes} must have one entry per forget class "
+                   f"{self.forget_classes}, or be None for a random remaining class")
+        for name in ("batch_size", "forget_batch_size"):
+            _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("sigma_init", "sigma_data", "sigma_min", "sigma_max", "rho", "p_std",
+                     "lr_gen", "lr_fake", "omega_min", "ema_halflife_kimg"):
+            _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("lambda_sg", "lambda_g", "fake_loss_scale", "gen_loss_scale"):
+            _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        _check(self.sigma_min < self.sigma_max,
+               f"sigma_min {self.sigma_min} must be below sigma_max {self.sigma_max}")
+        _check(0 < self.t_max <= 1000, f"t_max must be in (0, 1000], got {self.t_max}")
+        _check(all(0 <= b < 1 for b in self.adam_betas), f"adam_betas must be in [0, 1), got {self.adam_betas}")
+        if self.grad_clip_value is not None:
+            _check(self.grad_clip_value > 0, f"grad_clip_value must be > 0 or None, got {self.grad_clip_value}")
+
+    def replace(self, **changes: Any) -> "SFDConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SFDConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        _check(not unknown, f"unknown SFDConfig fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_name(cls, name: str) -> "SFDConfig":
+        try:
+            return SFD_PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown SFD preset {name!r}; known: {sorted(SFD_PRESETS)}") from None
+
+
+SFD_PRESETS: dict[str, SFDConfig] = {
+    # The reference label-conditional (CIFAR-10) setting of the SFD paper.
+    "reference": SFDConfig(),
+}
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """One-line comment of each dataclass field, read from the source (used by ``--help``)."""
+    import inspect
+
+    docs: dict[str, str] = {}
+    for line in inspect.getsource(cls).splitlines():
+        stripped = line.strip()
+        if ":" in stripped and "#" in stripped and not stripped.startswith("#"):
+            name = stripped.split(":", 1)[0].strip()
+            if name.isidentifier():
+                docs[name] = stripped.split("#", 1)[1].strip()
+    return docs
+
+
+__all__ = ["UNetConfig", "UNET_PRESETS", "SFDConfig", "SFD_PRESETS", "field_docs"]

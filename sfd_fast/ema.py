@@ -1,0 +1,28 @@
+"""Exponential moving average of the generator, with EDM's half-life-in-images schedule."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def ema_beta(halflife_kimg: float, rampup_ratio: float | None, images_seen: int, batch_images: int) -> float:
+    """Per-step decay so that the EMA's half-life is ``halflife_kimg`` thousand images.
+
+    With ramp-up, the half-life is at most ``rampup_ratio * images_seen`` (early steps forget
+    the initialisation fast).
+    """
+    halflife = halflife_kimg * 1000
+    if rampup_ratio is not None:
+        halflife = min(halflife, images_seen * rampup_ratio)
+    return 0.5 ** (batch_images / max(halflife, 1e-8))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
+    """ema <- beta * ema + (1 - beta) * model, for parameters; buffers are copied."""
+    ema_params = [p for p in ema.parameters()]
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - beta)
+    for b_ema, b in zip(ema.buffers(), model.buffers()):
+        b_ema.copy_(b)

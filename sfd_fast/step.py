@@ -1,0 +1,110 @@
+"""One SFD iteration (SPEC sections 2-3): fake-score step, generator step, EMA.
+
+Reference (eager) path. No ``.item()`` and no boolean indexing: bad samples are masked by
+weights, and every metric comes back as a 0-d tensor for the caller to log when it wants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from . import dispatch
+from .ema import ema_beta, update_ema
+from .forget import Conditions
+from .losses import edm_loss_weight, edm_training_sigma, sfd_sample_weights, sid_training_sigma
+from .state import SFDState
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """Gradients flow through the module's inputs but no weight gradient is computed."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+def sanitize_grads(params, clip_value: float | None) -> None:
+    """The reference's nan_to_num(nan=0, posinf=1e5, neginf=-1e5), then clip by value."""
+    grads = [p.grad for p in params if p.grad is not None]
+    for g in grads:
+        torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
+    if clip_value is not None and grads:
+        torch._foreach_clamp_min_(grads, -clip_value)
+        torch._foreach_clamp_max_(grads, clip_value)
+
+
+def _noise(state: SFDState, n: int) -> torch.Tensor:
+    return torch.randn((n, *state.image_shape), generator=state.rng, device=state.device)
+
+
+def fake_score_step(state: SFDState, cond: Conditions, loss_fns: dispatch.LossFunctions) -> dict:
+    """Update psi with the EDM loss on detached generator samples (forget samples weighted lambda_sg)."""
+    cfg, n = state.config, cond.generator.shape[0]
+    with torch.no_grad():
+        x_g = state.generator(_noise(state, n), cond.generator)
+    sigma = edm_training_sigma(n, cfg.p_mean, cfg.p_std, generator=state.rng, device=state.device)
+    x_t = x_g + sigma.view(-1, 1, 1, 1) * _noise(state, n)
+    denoised = state.fake(x_t, sigma, cond.fake_train)
+    weight = edm_loss_weight(sigma, cfg.sigma_data) * sfd_sample_weights(
+        cfg.batch_size, cfg.forget_batch_size, cfg.lambda_sg, cfg.fake_loss_scale, device=state.device)
+    loss, per_sample = loss_fns.edm_denoising_loss(denoised, x_g, weight)
+    state.opt_fake.zero_grad(set_to_none=True)
+    loss.backward()
+    sanitize_grads(state.fake.parameters(), None)
+    state.opt_fake.step()
+    return {"loss_fake": loss.detach(), "nonfinite_fake": (~torch.isfinite(per_sample)).sum()}
+
+
+def generator_step(state: SFDState, cond: Conditions, loss_fns: dispatch.LossFunctions) -> dict:
+    """Update theta with the SiD loss; teacher sees override labels on forget samples (MU loss)."""
+    cfg, n = state.config, cond.generator.shape[0]
+    x_g = state.generator(_noise(state, n), cond.generator)
+    sigma = sid_training_sigma(n, cfg.t_max, cfg.sigma_min, cfg.sigma_max, cfg.rho,
+                               generator=state.rng, device=state.device)
+    x_t = x_g + sigma.view(-1, 1, 1, 1) * _noise(state, n)
+    with frozen(state.fake):
+        y_real = state.teacher(x_t, sigma, cond.teacher)
+        y_fake = state.fake(x_t, sigma, cond.generator)
+    weight = sfd_sample_weights(cfg.batch_size, cfg.forget_batch_size, cfg.lambda_g, cfg.gen_loss_scale,
+                                device=state.device)
+    loss, per_sample = loss_fns.sid_generator_loss(x_g, y_real, y_fake, weight, alpha=cfg.alpha,
+                                                   omega_min=cfg.omega_min)
+    state.opt_gen.zero_grad(set_to_none=True)
+    loss.backward()
+    sanitize_grads(state.generator.parameters(), cfg.grad_clip_value)
+    state.opt_gen.step()
+    finite = torch.isfinite(per_sample)
+    clean = torch.where(finite, per_sample, torch.zeros_like(per_sample)).detach()
+    return {
+        "loss_gen": loss.detach(),
+        "loss_gen_remain": clean[:cfg.batch_size].mean(),
+        "loss_gen_forget": clean[cfg.batch_size:].mean(),
+        "nonfinite_gen": (~finite).sum(),
+    }
+
+
+def train_step(state: SFDState, backend: str | None = None) -> dict[str, torch.Tensor]:
+    """Run one full SFD iteration on ``state`` and return its metrics as 0-d tensors.
+
+    Batch: ``batch_size`` remain samples then ``forget_batch_size`` forget samples, conditioned
+    by ``state.forget.sample_conditions`` (G and the fake score see the forget condition; the
+    teacher sees its override).
+    """
+    cfg = state.config
+    loss_fns = dispatch.resolve_backend(backend, state.device)
+    cond = state.forget.sample_conditions(cfg.batch_size, cfg.forget_batch_size, state.rng, state.device)
+    metrics = fake_score_step(state, cond, loss_fns)
+    metrics.update(generator_step(state, cond, loss_fns))
+    batch_images = cfg.batch_size + cfg.forget_batch_size
+    state.images_seen += batch_images
+    state.step += 1
+    update_ema(state.generator_ema, state.generator,
+               ema_beta(cfg.ema_halflife_kimg, cfg.ema_rampup_ratio, state.images_seen, batch_images))
+    return metrics
