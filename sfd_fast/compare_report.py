@@ -73,9 +73,11 @@ def bar_charts(rows: list[dict], panel_w: int = 300, panel_h: int = 220) -> byte
                (255, 112, 67), (120, 144, 156)]
     for p, key in enumerate(PLOTTED):
         x0, y0 = (p % cols) * panel_w, (p // cols) * panel_h
-        title = dict((k, h) for k, h, _ in COLUMNS)[key]
+        header = dict((k, h) for k, h, _ in COLUMNS)[key]
         if key == "fid":
-            title = f"FID ({rows[0]['fid_features']})"
+            header = f"FID ({rows[0]['fid_features']}) ↓"
+        # PIL's built-in font has no arrows: spell the direction out.
+        title = header.replace(" ↓", " (lower is better)").replace(" ↑", " (higher is better)")
         draw.text((x0 + 8, y0 + 6), title, fill="black")
         values = [r.get(key) for r in rows]
         top = max([v for v in values if v is not None] + [1e-12])
