@@ -134,7 +134,9 @@ def run_compare(teacher: nn.Module, classifier: nn.Module, real_images: torch.Te
         row = {"method": method, "nfe": trained.nfe, "train_seconds": trained.train_seconds}
         row.update(unlearning_metrics(trained.sampler, classifier, spec, shape, per_class=cfg.per_class,
                                       seed=cfg.seed))
+        start = time.perf_counter()
         images = remain_images(trained.sampler)
+        row["sample_ms_per_image"] = 1000 * (time.perf_counter() - start) / len(images)
         if method == "sid":
             reference["sid"] = images
         row["fid"] = fid_between(images, real_remain, features)

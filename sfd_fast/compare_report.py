@@ -22,6 +22,7 @@ COLUMNS = [
     ("asr_before", "ASR before ↓", "{:.3f}"),
     ("asr_after", "ASR after attack ↓", "{:.3f}"),
     ("train_seconds", "train s", "{:.0f}"),
+    ("sample_ms_per_image", "sample ms/img", "{:.1f}"),
 ]
 PLOTTED = ["forget_accuracy", "remain_accuracy", "fid", "retention_vs_teacher", "asr_before", "asr_after"]
 

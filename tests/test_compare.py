@@ -44,3 +44,14 @@ def test_compare_runs_every_method_and_writes_table_plots_and_grids(tmp_path, ti
 def test_compare_rejects_unknown_methods():
     with pytest.raises(ValueError, match=r"unknown methods \['dreambooth'\]"):
         CompareConfig(methods=("sfd", "dreambooth"))
+
+
+def test_report_marks_missing_values_and_names_the_fid_features():
+    from sfd_fast.compare_report import markdown_table
+
+    row = {"method": "sfd", "nfe": 1, "forget_accuracy": 0.1, "override_rate": 0.8, "remain_accuracy": 0.9,
+           "fid": 1.5, "fid_features": "inception (ONNX)", "retention_vs_teacher": 0.01, "retention_vs_sid": None,
+           "asr_before": 0.1, "asr_after": 0.5, "train_seconds": 3.0, "sample_ms_per_image": 0.4}
+    table = markdown_table([row])
+    assert "FID (inception (ONNX))" in table
+    assert table.splitlines()[-1].split(" | ")[7] == "–"  # retention vs SiD: not run
