@@ -98,6 +98,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-steps", type=int, default=18, help="Heun steps for --teacher (default: 18)")
     _add_forget_args(p)
     _add_common(p)
+
+    # --- compare (issue 7): every unlearning method through one evaluation ----------------------
+    p = sub.add_parser("compare", help="compare unlearning methods on one evaluation (table + plots)",
+                       description="Train the chosen methods (teacher, sid, sfd, robust_sfd, esd, retain_distill, "
+                                   "advunlearn) with fixed seeds and budgets and write compare.md/.json/.csv/.png "
+                                   "plus per-method sample grids to --out.")
+    p.add_argument("--teacher", type=Path, default=None, help="teacher directory (default: embedded demo teacher)")
+    p.add_argument("--classifier", type=Path, default=None, help="classifier .safetensors (default: embedded)")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default: runs/compare)")
+    p.add_argument("--methods", default="teacher,sid,sfd,robust_sfd,esd,retain_distill,advunlearn",
+                   help="comma-separated methods (default: all)")
+    p.add_argument("--preset", default="reference", choices=sorted(SFD_PRESETS), help="SFD preset (default: reference)")
+    p.add_argument("--config", type=Path, help="JSON file of SFDConfig fields overriding the preset")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one SFDConfig field (JSON value); repeatable")
+    p.add_argument("--distill-steps", type=int, default=100, help="iterations of sid/sfd/robust_sfd (default: 100)")
+    p.add_argument("--finetune-steps", type=int, default=50, help="iterations of esd/retain_distill/advunlearn (default: 50)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam lr of the fine-tuning baselines (default: 1e-4)")
+    p.add_argument("--finetune-batch", type=int, default=8, help="forget (and retain) batch of fine-tuning (default: 8)")
+    p.add_argument("--robust-inner-steps", type=int, default=3, help="robust_sfd inner attack steps (default: 3)")
+    p.add_argument("--teacher-steps", type=int, default=8, help="Heun steps of diffusion-sampled rows (default: 8)")
+    p.add_argument("--attack-steps", type=int, default=30, help="embedding attack Adam steps (default: 30)")
+    p.add_argument("--attack-lr", type=float, default=0.05, help="embedding attack lr (default: 0.05)")
+    p.add_argument("--attack-init", default="forget", choices=["forget", "mean", "random"],
+                   help="attack start: forget-class row, table mean, or random (default: forget)")
+    p.add_argument("--attack-samples", type=int, default=100, help="held-out noises scoring ASR (default: 100)")
+    p.add_argument("--attack-sampler-steps", type=int, default=3,
+                   help="differentiable Heun steps when attacking diffusion rows (default: 3)")
+    p.add_argument("--per-class", type=int, default=50, help="evaluation samples per class (default: 50)")
+    p.add_argument("--inception-onnx", type=Path, default=None,
+                   help="local ONNX feature network for FID (e.g. Inception pool3); default: classifier features")
+    _add_forget_args(p)
+    _add_common(p)
     return parser
 
 
@@ -206,6 +239,34 @@ def _run(args, progress: bool) -> int:
         write_json(metrics, args.out / "metrics.json")
         class_grid(sampler, num_classes, 10, shape, args.out / "samples.png", device=args.device)
         print(json.dumps(metrics, indent=2))
+        return 0
+
+    if args.command == "compare":
+        from dataclasses import replace
+
+        from .attack import AttackConfig
+        from .classifier import CLASSIFIER_FILE
+        from .compare import CompareConfig
+        from .compare_run import compare_main
+        from .demo import TEACHER_DIR
+        from .finetune_unlearn import FinetuneConfig
+        from .robust_sfd import RobustConfig
+
+        torch.manual_seed(args.seed)
+        sfd = _sfd_config(args)
+        cfg = CompareConfig(
+            methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), sfd=sfd,
+            distill_steps=args.distill_steps, finetune_steps=args.finetune_steps,
+            robust=RobustConfig(inner_steps=args.robust_inner_steps),
+            finetune=replace(FinetuneConfig(), lr=args.finetune_lr, batch_size=args.finetune_batch,
+                             retain_batch_size=args.finetune_batch, seed=args.seed),
+            teacher_steps=args.teacher_steps,
+            attack=AttackConfig(steps=args.attack_steps, lr=args.attack_lr, init=args.attack_init,
+                                eval_samples=args.attack_samples, seed=args.seed),
+            attack_sampler_steps=args.attack_sampler_steps, per_class=args.per_class, seed=args.seed)
+        compare_main(args.teacher or TEACHER_DIR, args.classifier or CLASSIFIER_FILE, args.out, cfg,
+                     inception_onnx=args.inception_onnx, device=args.device, progress=progress)
+        print(f"wrote {args.out}/compare.md, compare.json, compare.csv, compare.png, samples_*.png")
         return 0
     raise AssertionError(args.command)
 

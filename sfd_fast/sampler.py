@@ -22,10 +22,12 @@ def heun_nfe(num_steps: int) -> int:
     return 2 * num_steps - 1
 
 
-@torch.no_grad()
-def edm_heun_sample(denoiser: nn.Module, z: torch.Tensor, c: torch.Tensor, num_steps: int = 18,
-                    sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """Sample x0 from noise z ~ N(0, I) (B, C, H, W) with labels c; uses heun_nfe(num_steps) NFE."""
+def heun_sample(denoiser: nn.Module, z: torch.Tensor, c: torch.Tensor, num_steps: int = 18,
+                sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """Differentiable Heun sampler: x0 from z ~ N(0, I) (B, C, H, W), c labels (B,) or embeddings (B, E).
+
+    Uses heun_nfe(num_steps) NFE. Gradients flow to z, c and the denoiser (conditioning-space attacks).
+    """
     sigmas = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, device=z.device)
     x = z.double() * sigmas[0]
     for i in range(num_steps):
@@ -37,3 +39,10 @@ def edm_heun_sample(denoiser: nn.Module, z: torch.Tensor, c: torch.Tensor, num_s
             x_next = x + (s_next - s_cur) * (0.5 * d_cur + 0.5 * d_next)
         x = x_next
     return x.float()
+
+
+@torch.no_grad()
+def edm_heun_sample(denoiser: nn.Module, z: torch.Tensor, c: torch.Tensor, num_steps: int = 18,
+                    sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
+    """Sample x0 from noise z ~ N(0, I) (B, C, H, W) with labels c; uses heun_nfe(num_steps) NFE."""
+    return heun_sample(denoiser, z, c, num_steps, sigma_min, sigma_max, rho)

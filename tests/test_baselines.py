@@ -1,0 +1,83 @@
+"""The comparison's baselines run a few steps on the tiny config and do what they claim (issue 7)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sfd_fast.config import SFDConfig
+from sfd_fast.finetune_unlearn import FinetuneConfig, FinetuneUnlearner
+from sfd_fast.forget import ForgetSpec
+from sfd_fast.losses import sfd_sample_weights
+from sfd_fast.robust_sfd import RobustConfig, inner_attack, robust_sfd_step
+from sfd_fast.sid_plain import AllClasses, plain_sid_config, plain_sid_state
+from sfd_fast.state import SFDState
+from sfd_fast.step import train_step
+
+TINY = SFDConfig(batch_size=2, forget_batch_size=2, lr_gen=1e-3, lr_fake=1e-3)
+SPEC = ForgetSpec(10, (0,), (1,))
+
+
+def _finite(metrics: dict) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in metrics.values())
+
+
+def test_plain_sid_weighs_every_sample_alike_and_never_remaps_labels(tiny_teacher):
+    cfg = plain_sid_config(SFDConfig(batch_size=6, forget_batch_size=2))
+    weights = sfd_sample_weights(6, 2, cfg.lambda_g, cfg.gen_loss_scale)
+    torch.testing.assert_close(weights, torch.full((8,), cfg.gen_loss_scale / 6))
+    cond = AllClasses(10).sample_conditions(200, 56, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(cond.teacher, cond.generator) and set(cond.generator.tolist()) == set(range(10))
+    state = plain_sid_state(TINY, tiny_teacher)
+    before = copy.deepcopy(state.generator.state_dict())
+    assert _finite(train_step(state))
+    assert any(not torch.equal(before[k], v) for k, v in state.generator.state_dict().items())
+
+
+def test_robust_sfd_inner_attack_moves_the_condition_and_the_step_trains_the_forget_row(tiny_teacher):
+    state = SFDState.create(TINY, tiny_teacher)
+    labels_f, labels_o = torch.tensor([0, 0]), torch.tensor([1, 1])
+    z = torch.randn(2, *state.image_shape)
+    delta = inner_attack(state, labels_f, labels_o, z, RobustConfig(inner_steps=2))
+    assert delta.shape == (2, state.generator.denoiser.unet.class_embedding.weight.shape[1])
+    assert bool(torch.isfinite(delta).all()) and float(delta.abs().max()) > 0
+    assert all(p.grad is None for p in state.generator.parameters())  # the attack leaves G untouched
+    row_before = state.generator.denoiser.unet.class_embedding.weight[0].detach().clone()
+    metrics = robust_sfd_step(state, RobustConfig(inner_steps=1))
+    assert _finite(metrics) and {"loss_gen_adv", "loss_fake_adv", "delta_norm"} <= set(metrics)
+    assert not torch.equal(row_before, state.generator.denoiser.unet.class_embedding.weight[0])
+    with pytest.raises(ValueError, match="inner_steps >= 1"):
+        RobustConfig(inner_steps=0)
+
+
+@pytest.mark.parametrize("method", ["esd", "retain_distill", "advunlearn"])
+def test_finetune_baselines_take_finite_steps(tiny_teacher, method):
+    run = FinetuneUnlearner(tiny_teacher, SPEC, FinetuneConfig(method=method, batch_size=2, retain_batch_size=2,
+                                                                trajectory_steps=3, inner_steps=1))
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    metrics = run.step()
+    assert _finite(metrics)
+    changed = {k for k, v in run.model.state_dict().items() if not torch.equal(before[k], v)}
+    if method == "advunlearn":  # only the class-embedding table trains, and only the forget row of it
+        assert changed == {"unet.class_embedding.weight"}
+        rows = (before["unet.class_embedding.weight"] != run.model.unet.class_embedding.weight).any(1)
+        assert rows.nonzero().flatten().tolist() == [0]
+    else:
+        assert len(changed) > 1
+    # The copy equals the original at step 0, so the retain term only shows from the second step on;
+    # for advunlearn it stays 0: table rows are independent, the remaining rows never move.
+    assert float(metrics["loss_retain"]) == 0.0
+    assert (float(run.step()["loss_retain"]) > 0.0) == (method == "retain_distill")
+
+
+def test_esd_null_is_the_mean_of_the_class_conditional_denoisers(tiny_teacher):
+    run = FinetuneUnlearner(tiny_teacher, SPEC, FinetuneConfig(eta=0.0))
+    x = torch.randn(3, *tiny_teacher.image_shape)
+    sigma = torch.full((3,), 1.5)
+    with torch.no_grad():
+        mean = torch.stack([tiny_teacher(x, sigma, torch.full((3,), k)) for k in range(10)]).mean(0)
+    torch.testing.assert_close(run.esd_target(x, sigma, torch.tensor([0, 0, 0])), mean, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown fine-tuning method 'ga'"):
+        FinetuneConfig(method="ga")

@@ -1,0 +1,57 @@
+"""``sfd-fast compare`` end to end on the tiny config: every method, every output file (issue 7)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from evalb_helpers import small_classifier
+from sfd_fast.cli import main
+from sfd_fast.compare import METHODS, CompareConfig
+from sfd_fast.networks import save_denoiser
+
+
+def test_compare_runs_every_method_and_writes_table_plots_and_grids(tmp_path, tiny_teacher, capsys):
+    save_denoiser(tiny_teacher, tmp_path / "teacher")
+    small_classifier().save(tmp_path / "clf.safetensors")
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--teacher", str(tmp_path / "teacher"), "--classifier", str(tmp_path / "clf.safetensors"),
+               "--out", str(out), "--distill-steps", "1", "--finetune-steps", "1", "--finetune-batch", "2",
+               "--robust-inner-steps", "1", "--teacher-steps", "2", "--attack-steps", "1", "--attack-samples", "2",
+               "--attack-sampler-steps", "1", "--per-class", "3", "--set", "batch_size=2",
+               "--set", "forget_batch_size=2", "--no-progress"])
+    assert rc == 0
+    rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert list(rows) == list(METHODS)
+    # Same sampler, same noise: retention against itself is exactly 0.
+    assert rows["teacher"]["retention_vs_teacher"] == 0.0
+    assert rows["sid"]["retention_vs_sid"] == 0.0
+    assert all(r["fid_features"] == "classifier features" for r in rows.values())
+    assert rows["sfd"]["nfe"] == 1 and rows["esd"]["nfe"] == 3  # Heun: 2 * steps - 1
+    for r in rows.values():
+        for key in ("forget_accuracy", "remain_accuracy", "override_rate", "asr_before", "asr_after"):
+            assert 0.0 <= r[key] <= 1.0
+    with open(out / "compare.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(METHODS)
+    md = (out / "compare.md").read_text()
+    assert "FID (classifier features)" in md and "Command: `" in md
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert all((out / f"samples_{m}.png").is_file() for m in METHODS)
+
+
+def test_compare_rejects_unknown_methods():
+    with pytest.raises(ValueError, match=r"unknown methods \['dreambooth'\]"):
+        CompareConfig(methods=("sfd", "dreambooth"))
+
+
+def test_report_marks_missing_values_and_names_the_fid_features():
+    from sfd_fast.compare_report import markdown_table
+
+    row = {"method": "sfd", "nfe": 1, "forget_accuracy": 0.1, "override_rate": 0.8, "remain_accuracy": 0.9,
+           "fid": 1.5, "fid_features": "inception (ONNX)", "retention_vs_teacher": 0.01, "retention_vs_sid": None,
+           "asr_before": 0.1, "asr_after": 0.5, "train_seconds": 3.0, "sample_ms_per_image": 0.4}
+    table = markdown_table([row])
+    assert "FID (inception (ONNX))" in table
+    assert table.splitlines()[-1].split(" | ")[7] == "–"  # retention vs SiD: not run
