@@ -54,6 +54,7 @@ def sid_generator_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Te
     """
     _check_images((x_g, "x_g"), (y_real, "y_real"), (y_fake, "y_fake"))
     weight = _check_weight(weight, x_g)
+    _check_devices((x_g, "x_g"), (y_real, "y_real"), (y_fake, "y_fake"), (weight, "weight"))
     _require()
     total, per_sample, _ = torch.ops.sfd_fast_C.sid_loss_fwd(
         x_g, y_real, y_fake, weight, float(alpha), float(omega_min))
@@ -69,6 +70,7 @@ def edm_denoising_loss(denoised: torch.Tensor, target: torch.Tensor,
     """
     _check_images((denoised, "denoised"), (target, "target"))
     weight = _check_weight(weight, denoised)
+    _check_devices((denoised, "denoised"), (target, "target"), (weight, "weight"))
     _require()
     return torch.ops.sfd_fast_C.edm_loss_fwd(denoised, target, weight)
 
@@ -95,6 +97,10 @@ def _check_images(*named: tuple[torch.Tensor, str]) -> None:
                              "all image inputs must share one dtype")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (call .contiguous()); got strides {t.stride()}")
+
+
+def _check_devices(*named: tuple[torch.Tensor, str]) -> None:
+    ref, ref_name = named[0]
     for t, name in named:
         if t.device.type != "cuda":
             raise ValueError(f"{name} is on {t.device}; the CUDA kernels need CUDA tensors "
@@ -108,8 +114,6 @@ def _check_weight(weight: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     if not isinstance(weight, torch.Tensor) or weight.shape != (ref.shape[0],):
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight must be a tensor of shape (B,) = ({ref.shape[0]},), got {shape}")
-    if weight.device != ref.device:
-        raise ValueError(f"weight is on {weight.device} but the images are on {ref.device}")
     return weight.to(torch.float32).contiguous()
 
 
