@@ -20,7 +20,6 @@ cast to fp32. Bad input raises ValueError here (or RuntimeError from the C++ che
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from pathlib import Path
@@ -40,8 +39,21 @@ ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def available() -> tuple[bool, str]:
     """(True, "") when the fused CUDA losses can run here, else (False, why not)."""
-    reason = _load()
+    reason = _load_reason()
     return (reason == "", reason)
+
+
+_LOAD_REASON: str | None = None  # result of the one load attempt: "" = loaded
+
+
+# assume_constant_result: under torch.compile the check runs once at trace time and becomes a
+# constant, so compiled code (fullgraph too) never traces the loader or graph-breaks on it.
+@torch.compiler.assume_constant_result
+def _load_reason() -> str:
+    global _LOAD_REASON
+    if _LOAD_REASON is None:
+        _LOAD_REASON = _load()
+    return _LOAD_REASON
 
 
 def sid_generator_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor,
@@ -125,9 +137,8 @@ def _require() -> None:
 
 # ---- loading -------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=1)
 def _load() -> str:
-    """Loads the ops once; "" on success, else the reason they are unavailable."""
+    """Loads the ops (call once, via _load_reason); "" on success, else why they are unavailable."""
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None)"
     if not torch.cuda.is_available():

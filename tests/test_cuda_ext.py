@@ -60,6 +60,18 @@ def test_jit_build_can_be_disabled(monkeypatch):
     assert "disabled" in cuda_ext._jit_build()
 
 
+def test_available_compiles_without_graph_break():
+    """The availability check is a trace-time constant: compiled callers (fullgraph) never
+    trace the loader, whatever the answer is."""
+    ok, _ = cuda_ext.available()
+
+    def f(x):
+        return x + 1 if cuda_ext.available()[0] else x - 1
+
+    x = torch.zeros(2)
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), x + (1 if ok else -1))
+
+
 def _cpu_batch(shape=(2, 3, 4, 4), dtype=torch.float32):
     return torch.randn(shape).to(dtype)
 
@@ -98,7 +110,7 @@ def _nvcc() -> str | None:
 @pytest.mark.parametrize("source", sorted(p.name for p in (*cuda_ext.CSRC_DIR.glob("*.cu"),
                                                               *cuda_ext.CSRC_DIR.glob("*.cpp"))))
 def test_source_compiles_with_nvcc(source, tmp_path):
-    from torch.utils.cpp_extension import include_paths
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
     includes = list(include_paths())
     # A CPU torch wheel ships c10/cuda headers but not the generated config header they
@@ -109,7 +121,7 @@ def test_source_compiles_with_nvcc(source, tmp_path):
         (shim / "cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
         includes.insert(0, str(tmp_path / "shim"))
     cmd = [_nvcc(), "-c", str(cuda_ext.CSRC_DIR / source), "-o", str(tmp_path / "out.o"),
-           "-std=c++20", "-arch=sm_90", *cuda_ext.NVCC_FLAGS,
+           "-std=c++20", "-arch=sm_90", *cuda_ext.NVCC_FLAGS, *COMMON_NVCC_FLAGS,  # as a real build
            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
            "-DTORCH_EXTENSION_NAME=_C", f"-I{sysconfig.get_paths()['include']}",
            *(f"-I{p}" for p in includes)]
