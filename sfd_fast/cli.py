@@ -131,6 +131,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local ONNX feature network for FID (e.g. Inception pool3); default: classifier features")
     _add_forget_args(p)
     _add_common(p)
+
+    # --- export / serve (issue 5) ---
+    p = sub.add_parser("export", help="export a generator checkpoint to ONNX (and a TensorRT engine)",
+                       description="Export a generator directory written by save_generator / `sfd-fast distill` to "
+                                   "ONNX, verified in onnxruntime; with --engine also build a TensorRT engine.")
+    p.add_argument("--generator", type=Path, required=True, help="generator directory")
+    p.add_argument("--out", type=Path, required=True, help="output .onnx path")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    p.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"],
+                   help="ONNX exporter; dynamo falls back to torchscript on failure (default: dynamo)")
+    p.add_argument("--engine", type=Path, default=None, help="also build a TensorRT engine here (needs tensorrt + GPU)")
+    p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"], help="engine precision")
+    p.add_argument("--max-batch", type=int, default=64, help="largest engine batch (default: 64)")
+    p.set_defaults(no_progress=True)
+
+    p = sub.add_parser("serve", help="serve a .onnx or .engine over HTTP (POST /generate, GET /health)")
+    p.add_argument("model", type=Path, help=".onnx (onnxruntime) or .engine (TensorRT) file")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-batch", type=int, default=64, help="images per micro-batch (default: 64)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="micro-batch collection window (default: 5)")
+    p.add_argument("--max-count", type=int, default=16, help="images per request limit (default: 16)")
+    p.add_argument("--queue-size", type=int, default=256, help="queued requests before 503 (default: 256)")
+    p.set_defaults(no_progress=True)
     return parser
 
 
@@ -161,6 +185,42 @@ def _run(args, progress: bool) -> int:
     import torch
 
     from .evaluate import write_json
+
+    if args.command == "export":
+        from .export import build_engine, to_onnx
+        from .networks import load_generator
+
+        result = to_onnx(load_generator(args.generator), args.out, opset=args.opset, exporter=args.exporter)
+        print(f"wrote {result.path} (exporter {result.exporter}, opset {result.opset}, "
+              f"max abs error vs PyTorch {result.max_abs_error:.2e})")
+        if args.engine is not None:
+            from .export import TensorRTUnavailable
+            try:
+                engine = build_engine(args.out, args.engine, precision=args.precision,
+                                      batch_sizes=(1, min(16, args.max_batch), args.max_batch))
+            except TensorRTUnavailable as exc:
+                print(f"sfd-fast export: cannot build the engine: {exc}", file=sys.stderr)
+                return 2
+            print(f"wrote {engine} ({args.precision})")
+        return 0
+
+    if args.command == "serve":
+        from .export import load_runner
+        from .serve import GenerationServer
+
+        from .export import TensorRTUnavailable
+        try:
+            runner = load_runner(args.model)
+        except TensorRTUnavailable as exc:
+            print(f"sfd-fast serve: {exc}", file=sys.stderr)
+            return 2
+        server = GenerationServer(runner, args.host, args.port, max_batch=args.max_batch,
+                                  max_wait_ms=args.max_wait_ms, max_count=args.max_count, queue_size=args.queue_size)
+        print(f"serving {args.model} ({server.runner.name}) on http://{server.address[0]}:{server.address[1]} "
+              "- POST /generate, GET /health; Ctrl-C to stop", flush=True)
+        server.serve_until_signal()
+        print("stopped")
+        return 0
 
     if args.command == "demo":
         from .demo import run_demo
