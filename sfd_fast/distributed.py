@@ -46,7 +46,8 @@ def rank_seed(seed: int, rank_: int) -> int:
 
 
 def init_from_env(backend: str | None = None, timeout_s: float = 1800) -> torch.device:
-    """Join the process group torchrun describes (if any) and return this rank's device.
+    """Join the process group torchrun describes (if any) and return this rank's device
+    (cuda:LOCAL_RANK under NCCL, else CPU).
 
     backend: "nccl" | "gloo" | None (nccl when CUDA is available, else gloo).
     """
@@ -56,7 +57,7 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800) -> torch.
         if backend not in ("nccl", "gloo"):
             raise ValueError(f"unknown distributed backend {backend!r}; allowed: 'nccl', 'gloo'")
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    if torch.cuda.is_available() and (not is_initialized() or dist.get_backend() == "nccl"):
+    if is_initialized() and dist.get_backend() == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
         return device
