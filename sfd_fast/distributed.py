@@ -153,11 +153,18 @@ def distribute_state(state, mode: str = "ddp") -> None:
     state.rng.manual_seed(rank_seed(state.config.seed, rank()))
     if mode == "ddp":
         device_ids = [state.device.index] if state.device.type == "cuda" else None
-        # broadcast_buffers off: the UNets have no running statistics to keep in sync.
-        state.fake = SFDDataParallel(state.fake, device_ids=device_ids, broadcast_buffers=False)
-        state.generator = SFDDataParallel(state.generator, device_ids=device_ids, broadcast_buffers=False)
+        # The UNets have no running statistics: nothing to broadcast before each forward.
+        sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in _ddp_args() else {"broadcast_buffers": False}
+        state.fake = SFDDataParallel(state.fake, device_ids=device_ids, **sync)
+        state.generator = SFDDataParallel(state.generator, device_ids=device_ids, **sync)
         return
     _fully_shard_state(state)
+
+
+def _ddp_args() -> set[str]:
+    import inspect
+
+    return set(inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters)
 
 
 def _fully_shard_state(state) -> None:
