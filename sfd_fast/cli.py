@@ -45,9 +45,6 @@ def _add_resilience_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-last", type=int, default=3, metavar="N", help="checkpoints kept (default: 3)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --checkpoint-dir (bit-exact on the same setup)")
-    g.add_argument("--distributed-mode", default="ddp", choices=["ddp", "fsdp"],
-                   help="under torchrun: ddp (replicated weights) or fsdp (FSDP2 sharding; no checkpoints yet) "
-                        "(default: ddp)")
 
 
 def _wants_resilient_run(args) -> bool:
@@ -72,7 +69,7 @@ def _distill_resilient(args, config: SFDConfig, progress: bool) -> int:
         device = distributed.init_from_env("gloo" if args.device == "cpu" else "nccl")
     try:
         state = SFDState.create(config, load_denoiser(args.teacher, device), device)
-        distributed.distribute_state(state, args.distributed_mode)
+        distributed.distribute_state(state, "ddp")
         root = args.checkpoint_dir or args.out / "checkpoints"
         say = print if distributed.is_main() else (lambda *a, **k: None)
         result = run_resilient(state, args.steps, checkpoint_root=root, checkpoint_every=args.checkpoint_every,

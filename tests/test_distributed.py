@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import socket
 import threading
@@ -134,3 +132,15 @@ def test_global_batch_loss_is_the_mean_of_rank_batch_losses():
     everything = list(range(2 * (nr + nf)))
     for loss in (sid, edm):
         torch.testing.assert_close(loss(everything, w_global), sum(loss(rows, w_rank) for rows in rank_rows) / 2)
+
+
+def test_unsupported_modes_are_refused_clearly(tiny_teacher):
+    from sfd_fast.distributed import distribute_state
+
+    state = SFDState.create(CFG, tiny_teacher)
+    with pytest.raises(ValueError, match="unknown distributed mode 'zero3'; allowed: \\('ddp', 'fsdp'\\)"):
+        distribute_state(state, "zero3")
+    with pytest.raises(NotImplementedError, match="'fsdp'.*not supported yet.*use mode='ddp'"):
+        distribute_state(state, "fsdp")
+    distribute_state(state, "ddp")  # a single process: nothing to wrap
+    assert state.generator.__class__.__name__ == "OneStepGenerator"
