@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
 
 from . import distributed as dist_utils
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
