@@ -21,6 +21,8 @@ from typing import Iterable
 
 import torch
 
+from . import distributed as dist_utils
+
 POLICIES = ("skip", "raise")
 OPTIMIZER_NAMES = ("fake", "gen")
 
@@ -63,7 +65,10 @@ def monitor(state) -> FaultMonitor:
 
 
 def check_finite(loss: torch.Tensor, params: Iterable[torch.Tensor]) -> torch.Tensor:
-    """0-d bool tensor: the loss and every gradient of ``params`` are finite. No host sync."""
+    """0-d bool tensor: the loss and every gradient of ``params`` are finite, on every rank.
+
+    No host sync. In a distributed run this is a collective (all ranks call it together).
+    """
     grads = [p.grad for p in params if p.grad is not None]
     found_inf = (~torch.isfinite(loss.detach())).float().reshape(())
     if grads:
@@ -71,6 +76,13 @@ def check_finite(loss: torch.Tensor, params: Iterable[torch.Tensor]) -> torch.Te
         grad_inf = torch.zeros((), device=grads[0].device)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, grad_inf, torch.ones((), device=grads[0].device))
         found_inf = found_inf.to(grad_inf.device) + grad_inf
+    if dist_utils.is_initialized():
+        # Grads are already all-reduced by DDP, but the loss is per rank: agree, so that every
+        # rank skips the same updates (a device-side collective, no host sync).
+        device = found_inf.device
+        found_inf = found_inf.to(dist_utils.comm_device())
+        torch.distributed.all_reduce(found_inf)
+        found_inf = found_inf.to(device)
     return found_inf == 0
 
 

@@ -103,6 +103,7 @@ def _thread_reference(world: int) -> list[torch.Tensor]:
     return [p.detach() for p in states[0].generator.parameters()]
 
 
+@pytest.mark.slow  # two spawned processes importing torch+diffusers: ~25 s on 2 idle cores
 def test_two_gloo_ranks_match_one_process_with_averaged_gradients(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [load_tensors(tmp_path / f"rank{r}.safetensors") for r in range(2)]
