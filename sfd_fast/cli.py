@@ -60,6 +60,7 @@ def _distill_resilient(args, config: SFDConfig, progress: bool) -> int:
 
     from . import distributed
     from .evaluate import write_json
+    from .faults import NonFiniteError
     from .networks import load_denoiser, save_generator
     from .resilient import run_resilient
     from .state import SFDState
@@ -72,10 +73,14 @@ def _distill_resilient(args, config: SFDConfig, progress: bool) -> int:
         distributed.distribute_state(state, "ddp")
         root = args.checkpoint_dir or args.out / "checkpoints"
         say = print if distributed.is_main() else (lambda *a, **k: None)
-        result = run_resilient(state, args.steps, checkpoint_root=root, checkpoint_every=args.checkpoint_every,
-                               keep_last=args.keep_last, resume=args.resume, backend=args.backend,
-                               on_log=(lambda step, m: say(f"step {step}: " + " ".join(
-                                   f"{k}={v:.4g}" for k, v in sorted(m.items())))) if progress else None)
+        try:
+            result = run_resilient(state, args.steps, checkpoint_root=root, checkpoint_every=args.checkpoint_every,
+                                   keep_last=args.keep_last, resume=args.resume, backend=args.backend,
+                                   on_log=(lambda step, m: say(f"step {step}: " + " ".join(
+                                       f"{k}={v:.4g}" for k, v in sorted(m.items())))) if progress else None)
+        except NonFiniteError as exc:
+            print(f"sfd-fast distill: stopped: {exc}", file=sys.stderr)
+            return 3
         if result.resumed_from is not None:
             say(f"resumed from {result.resumed_from}")
         if result.interrupted:
