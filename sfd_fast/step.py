@@ -57,9 +57,9 @@ def fake_score_step(state: SFDState, cond: Conditions, loss_fns: dispatch.LossFu
     loss, per_sample = loss_fns.edm_denoising_loss(denoised, x_g, weight)
     state.opt_fake.zero_grad(set_to_none=True)
     loss.backward()
-    finite = faults.check_finite(loss, state.fake.parameters())
+    update_ok = faults.check_finite(loss, state.fake.parameters())
     sanitize_grads(state.fake.parameters(), None)
-    skipped = faults.guarded_step(state, "fake", state.opt_fake, finite)
+    skipped = faults.guarded_step(state, "fake", state.opt_fake, update_ok)
     return {"loss_fake": loss.detach(), "nonfinite_fake": (~torch.isfinite(per_sample)).sum(), **skipped}
 
 
@@ -79,9 +79,9 @@ def generator_step(state: SFDState, cond: Conditions, loss_fns: dispatch.LossFun
                                                    omega_min=cfg.omega_min)
     state.opt_gen.zero_grad(set_to_none=True)
     loss.backward()
-    finite = faults.check_finite(loss, state.generator.parameters())
+    update_ok = faults.check_finite(loss, state.generator.parameters())
     sanitize_grads(state.generator.parameters(), cfg.grad_clip_value)
-    skipped = faults.guarded_step(state, "gen", state.opt_gen, finite)
+    skipped = faults.guarded_step(state, "gen", state.opt_gen, update_ok)
     finite = torch.isfinite(per_sample)
     clean = torch.where(finite, per_sample, torch.zeros_like(per_sample)).detach()
     return {
