@@ -35,6 +35,69 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+# --- scale-out and reliability options of `distill` (sfd_fast.resilient, sfd_fast.distributed) ---
+def _add_resilience_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpoints, resume and multi-GPU (see docs/distributed.md)")
+    g.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="where full-state checkpoints go (default: <out>/checkpoints when any option here is used)")
+    g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save a resumable checkpoint every N steps (default: 0 = at the end and on SIGTERM/SIGINT)")
+    g.add_argument("--keep-last", type=int, default=3, metavar="N", help="checkpoints kept (default: 3)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --checkpoint-dir (bit-exact on the same setup)")
+
+
+def _wants_resilient_run(args) -> bool:
+    import os
+
+    return bool(args.resume or args.checkpoint_every or args.checkpoint_dir is not None
+                or int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+
+def _distill_resilient(args, config: SFDConfig, progress: bool) -> int:
+    """`distill` with checkpoints/resume/signals, on one process or every torchrun rank."""
+    import os
+
+    from . import distributed
+    from .evaluate import write_json
+    from .faults import NonFiniteError
+    from .networks import load_denoiser, save_generator
+    from .resilient import run_resilient
+    from .state import SFDState
+
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one rank per process
+        device = distributed.init_from_env("gloo" if args.device == "cpu" else "nccl")
+    try:
+        state = SFDState.create(config, load_denoiser(args.teacher, device), device)
+        distributed.distribute_state(state, "ddp")
+        root = args.checkpoint_dir or args.out / "checkpoints"
+        say = print if distributed.is_main() else (lambda *a, **k: None)
+        try:
+            result = run_resilient(state, args.steps, checkpoint_root=root, checkpoint_every=args.checkpoint_every,
+                                   keep_last=args.keep_last, resume=args.resume, backend=args.backend,
+                                   on_log=(lambda step, m: say(f"step {step}: " + " ".join(
+                                       f"{k}={v:.4g}" for k, v in sorted(m.items())))) if progress else None)
+        except NonFiniteError as exc:
+            print(f"sfd-fast distill: stopped: {exc}", file=sys.stderr)
+            return 3
+        if result.resumed_from is not None:
+            say(f"resumed from {result.resumed_from}")
+        if result.interrupted:
+            say(f"interrupted at step {state.step}; checkpoint {result.checkpoint}; continue with --resume")
+            return 0
+        if distributed.is_main():
+            args.out.mkdir(parents=True, exist_ok=True)
+            save_generator(state.generator_ema, args.out / "generator")
+            write_json(config.to_dict(), args.out / "config.json")
+            write_json({"log": result.log}, args.out / "train_log.json")
+            say(f"saved generator to {args.out / 'generator'}; checkpoint {result.checkpoint}")
+        return 0
+    finally:
+        distributed.shutdown()
+# --- end of scale-out and reliability options ---
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfd-fast", description=(
         "Score Forgetting Distillation: distil a class-conditional diffusion model into a one-step "
@@ -83,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one SFDConfig field (JSON value), e.g. --set lr_gen=1e-4; repeatable")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cuda"],
                    help="loss implementation (default: $SFD_FAST_BACKEND or auto)")
+    _add_resilience_args(p)
     _add_forget_args(p)
     _add_common(p)
 
@@ -267,6 +331,8 @@ def _run(args, progress: bool) -> int:
         from .networks import load_denoiser, save_generator
 
         config = _sfd_config(args)
+        if _wants_resilient_run(args):
+            return _distill_resilient(args, config, progress)
         teacher = load_denoiser(args.teacher, args.device)
         log = []
         state = distill(teacher, config, args.steps, device=args.device, backend=args.backend, progress=progress,
