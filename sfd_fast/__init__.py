@@ -6,9 +6,10 @@ from .networks import (CheckpointError, DDPMDenoiser, EDMDenoiser, OneStepGenera
                        load_denoiser, save_denoiser)
 from .state import SFDState
 from .step import train_step
+from .step_options import StepOptions
 
 __version__ = "0.1.0"
 __all__ = [
-    "SFDConfig", "UNetConfig", "ForgetSpec", "SFDState", "train_step", "EDMDenoiser", "DDPMDenoiser",
+    "SFDConfig", "UNetConfig", "ForgetSpec", "SFDState", "train_step", "StepOptions", "EDMDenoiser", "DDPMDenoiser",
     "OneStepGenerator", "build_unet", "load_denoiser", "save_denoiser", "CheckpointError",
 ]

@@ -20,7 +20,10 @@ CLASSIFIER_FILE = Path(__file__).resolve().parent / "assets" / "classifier.safet
 
 
 class DigitClassifier(nn.Module):
-    """conv(32) -> conv(64, /2) -> conv(128, /2) -> global pool -> fc(feature_dim) -> fc(classes)."""
+    """conv(32) -> conv(64, /2) -> conv(128, /2) -> 4x4 pool -> fc(feature_dim) -> fc(classes).
+
+    The 4x4 pooled grid keeps the layout of the strokes (a global pool scored ~91% on digits).
+    """
 
     def __init__(self, channels: int = 1, num_classes: int = 10, feature_dim: int = 128):
         super().__init__()
@@ -29,8 +32,8 @@ class DigitClassifier(nn.Module):
             nn.Conv2d(channels, 32, 3, padding=1), nn.SiLU(),
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
             nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.SiLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-            nn.Linear(128, feature_dim), nn.SiLU())
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Linear(128 * 16, feature_dim), nn.SiLU())
         self.head = nn.Linear(feature_dim, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="output model directory")
     p.add_argument("--preset", default="demo", choices=sorted(UNET_PRESETS), help="UNet preset (default: demo)")
     p.add_argument("--steps", type=int, default=4000, help="optimizer steps (default: 4000)")
-    p.add_argument("--batch-size", type=int, default=128, help="batch size (default: 128)")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     _add_common(p)
 

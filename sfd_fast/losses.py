@@ -2,7 +2,7 @@
 
 Fused kernels (``sfd_fast.kernels``, ``sfd_fast._C``) must match these functions; the training
 step reaches them only through ``sfd_fast.dispatch``. All arithmetic is fp32 whatever the input
-dtype. Shapes: images are (B, C, H, W); per-sample tensors are (B,).
+dtype (float64 stays float64). Shapes: images are (B, C, H, W); per-sample tensors are (B,).
 
 Both losses return ``(total, per_sample)``:
 - ``per_sample`` is the unweighted loss of each sample (NaN/inf where that sample is bad);
@@ -38,10 +38,15 @@ def sid_training_sigma(n: int, t_max: float, sigma_min: float, sigma_max: float,
     return (hi + (1 - t) * (lo - hi)) ** rho
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16/fp32 -> fp32 (float64 stays float64, for gradient checks)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def masked_weighted_sum(per_sample: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """sum_i weight_i * per_sample_i over finite samples (no host sync, no boolean indexing)."""
     finite = torch.isfinite(per_sample)
-    return torch.where(finite, per_sample * weight.float(), torch.zeros_like(per_sample)).sum()
+    return torch.where(finite, per_sample * weight.to(per_sample.dtype), torch.zeros_like(per_sample)).sum()
 
 
 def edm_denoising_loss(denoised: torch.Tensor, target: torch.Tensor,
@@ -52,14 +57,14 @@ def edm_denoising_loss(denoised: torch.Tensor, target: torch.Tensor,
     samples). Used for teacher pretraining and the fake-score step.
     """
     _check_same(denoised, target, "denoised", "target")
-    per_sample = (denoised.float() - target.float()).square().flatten(1).sum(1)
+    per_sample = (_upcast(denoised) - _upcast(target)).square().flatten(1).sum(1)
     return masked_weighted_sum(per_sample, weight), per_sample
 
 
 def sid_omega(x_g: torch.Tensor, y_real: torch.Tensor, omega_min: float) -> torch.Tensor:
     """omega_i = stopgrad(mean_pixels |x_g - y_real|) clipped below at omega_min. Shape (B,)."""
     with torch.no_grad():
-        return (x_g.float() - y_real.float()).abs().flatten(1).mean(1).clamp_min(omega_min)
+        return (_upcast(x_g) - _upcast(y_real)).abs().flatten(1).mean(1).clamp_min(omega_min)
 
 
 def sid_generator_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor,
@@ -76,7 +81,7 @@ def sid_generator_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Te
     """
     _check_same(x_g, y_real, "x_g", "y_real")
     _check_same(x_g, y_fake, "x_g", "y_fake")
-    x_g, y_real, y_fake = x_g.float(), y_real.float(), y_fake.float()
+    x_g, y_real, y_fake = _upcast(x_g), _upcast(y_real), _upcast(y_fake)
     omega = sid_omega(x_g, y_real, omega_min)
     diff = y_real - y_fake
     per_sample = (diff * ((y_real - x_g) - alpha * diff)).flatten(1).sum(1) / omega

@@ -73,9 +73,14 @@ def build_unet(config: UNetConfig):
         dropout=config.dropout)
 
 
+def work_dtype(x: torch.Tensor) -> torch.dtype:
+    """Preconditioning and loss arithmetic run in fp32 (float64 inputs stay float64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def batch_sigma(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
-    """sigma as an fp32 tensor of shape (B, 1, 1, 1) broadcastable against x."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    """sigma as a tensor of shape (B, 1, 1, 1) in ``work_dtype(x)``, broadcastable against x."""
+    sigma = torch.as_tensor(sigma, device=x.device).to(work_dtype(x))
     return sigma.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
 
 
@@ -116,11 +121,11 @@ class EDMDenoiser(nn.Module):
         c_skip, c_out, c_in, c_noise = edm_preconditioning(sigma, self.sigma_data)
         dtype = self.unet.dtype
         out = self.unet((c_in * x).to(dtype), c_noise.flatten(), class_labels=c).sample
-        return out.float(), c_skip, c_out
+        return out.to(c_out.dtype), c_skip, c_out
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         out, c_skip, c_out = self.network_output(x, sigma, c)
-        return c_skip * x.float() + c_out * out
+        return c_skip * x.to(c_out.dtype) + c_out * out
 
 
 class DDPMDenoiser(nn.Module):
@@ -155,7 +160,7 @@ class DDPMDenoiser(nn.Module):
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Fractional DDPM timestep whose noise level is sigma (clamped to the table's range)."""
         table = self.log_sigmas
-        log_sigma = sigma.float().log().clamp(table[0], table[-1])
+        log_sigma = sigma.to(table.dtype).log().clamp(table[0], table[-1])
         hi = torch.searchsorted(table, log_sigma).clamp(1, table.numel() - 1)
         lo_val, hi_val = table[hi - 1], table[hi]
         return (hi - 1).float() + (log_sigma - lo_val) / (hi_val - lo_val)
@@ -164,10 +169,11 @@ class DDPMDenoiser(nn.Module):
         sigma = batch_sigma(sigma, x)
         sqrt_abar = (1 + sigma ** 2).rsqrt()
         sqrt_one_minus = sigma * sqrt_abar
-        x_in = sqrt_abar * x.float()
-        out = self.unet(x_in.to(self.unet.dtype), self.timestep(sigma.flatten()), class_labels=c).sample.float()
+        x = x.to(sigma.dtype)
+        x_in = sqrt_abar * x
+        out = self.unet(x_in.to(self.unet.dtype), self.timestep(sigma.flatten()), class_labels=c).sample.to(x.dtype)
         if self.prediction_type == "epsilon":
-            return x.float() - sigma * out
+            return x - sigma * out
         if self.prediction_type == "v_prediction":
             return sqrt_abar * x_in - sqrt_one_minus * out
         return out

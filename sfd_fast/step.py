@@ -44,11 +44,16 @@ def _noise(state: SFDState, n: int) -> torch.Tensor:
     return torch.randn((n, *state.image_shape), generator=state.rng, device=state.device)
 
 
-def fake_score_step(state: SFDState, cond: Conditions, loss_fns: dispatch.LossFunctions) -> dict:
-    """Update psi with the EDM loss on detached generator samples (forget samples weighted lambda_sg)."""
+def fake_score_step(state: SFDState, cond: Conditions, loss_fns: dispatch.LossFunctions,
+                    z: torch.Tensor | None = None) -> dict:
+    """Update psi with the EDM loss on detached generator samples (forget samples weighted lambda_sg).
+
+    ``z`` (B, C, H, W): the generator's noise; drawn from ``state.rng`` when None.
+    """
     cfg, n = state.config, cond.generator.shape[0]
+    z = _noise(state, n) if z is None else z
     with torch.no_grad():
-        x_g = state.generator(_noise(state, n), cond.generator)
+        x_g = state.generator(z, cond.generator)
     sigma = edm_training_sigma(n, cfg.p_mean, cfg.p_std, generator=state.rng, device=state.device)
     x_t = x_g + sigma.view(-1, 1, 1, 1) * _noise(state, n)
     denoised = state.fake(x_t, sigma, cond.fake_train)
@@ -62,10 +67,14 @@ def fake_score_step(state: SFDState, cond: Conditions, loss_fns: dispatch.LossFu
     return {"loss_fake": loss.detach(), "nonfinite_fake": (~torch.isfinite(per_sample)).sum()}
 
 
-def generator_step(state: SFDState, cond: Conditions, loss_fns: dispatch.LossFunctions) -> dict:
-    """Update theta with the SiD loss; teacher sees override labels on forget samples (MU loss)."""
+def generator_step(state: SFDState, cond: Conditions, loss_fns: dispatch.LossFunctions,
+                   z: torch.Tensor | None = None) -> dict:
+    """Update theta with the SiD loss; teacher sees override labels on forget samples (MU loss).
+
+    ``z`` (B, C, H, W): the generator's noise; drawn from ``state.rng`` when None.
+    """
     cfg, n = state.config, cond.generator.shape[0]
-    x_g = state.generator(_noise(state, n), cond.generator)
+    x_g = state.generator(_noise(state, n) if z is None else z, cond.generator)
     sigma = sid_training_sigma(n, cfg.t_max, cfg.sigma_min, cfg.sigma_max, cfg.rho,
                                generator=state.rng, device=state.device)
     x_t = x_g + sigma.view(-1, 1, 1, 1) * _noise(state, n)
@@ -90,18 +99,36 @@ def generator_step(state: SFDState, cond: Conditions, loss_fns: dispatch.LossFun
     }
 
 
-def train_step(state: SFDState, backend: str | None = None) -> dict[str, torch.Tensor]:
+def train_step(state: SFDState, backend: str | None = None, options=None) -> dict[str, torch.Tensor]:
     """Run one full SFD iteration on ``state`` and return its metrics as 0-d tensors.
 
     Batch: ``batch_size`` remain samples then ``forget_batch_size`` forget samples, conditioned
     by ``state.forget.sample_conditions`` (G and the fake score see the forget condition; the
     teacher sees its override).
+
+    ``options`` (``sfd_fast.StepOptions`` or a preset name, default: the reference path) picks
+    how the step runs; ``options.fused`` selects the fast path of ``sfd_fast.fast_step``.
+    ``backend``, when given, overrides ``options.backend``.
     """
+    if options is not None:
+        from .step_options import StepOptions
+
+        options = StepOptions.from_name(options) if isinstance(options, str) else options
+        if backend is not None:
+            options = options.replace(backend=backend)
+        if options.fused:
+            from .fast_step import fast_train_step
+
+            return fast_train_step(state, options)
+        backend = options.backend
+    share_noise = options is not None and options.share_noise
     cfg = state.config
     loss_fns = dispatch.resolve_backend(backend, state.device)
     cond = state.forget.sample_conditions(cfg.batch_size, cfg.forget_batch_size, state.rng, state.device)
-    metrics = fake_score_step(state, cond, loss_fns)
-    metrics.update(generator_step(state, cond, loss_fns))
+    # share_noise: one z for both sub-steps (a change of sampling; see docs/fast_step.md).
+    z = _noise(state, cond.generator.shape[0]) if share_noise else None
+    metrics = fake_score_step(state, cond, loss_fns, z)
+    metrics.update(generator_step(state, cond, loss_fns, z))
     batch_images = cfg.batch_size + cfg.forget_batch_size
     state.images_seen += batch_images
     state.step += 1
