@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attack-lr", type=float, default=0.05, help="embedding attack lr (default: 0.05)")
     p.add_argument("--attack-init", default="forget", choices=["forget", "mean", "random"],
                    help="attack start: forget-class row, table mean, or random (default: forget)")
+    p.add_argument("--attack-batch", type=int, default=16, help="noises per attack step (default: 16)")
     p.add_argument("--attack-samples", type=int, default=100, help="held-out noises scoring ASR (default: 100)")
     p.add_argument("--attack-sampler-steps", type=int, default=3,
                    help="differentiable Heun steps when attacking diffusion rows (default: 3)")
@@ -388,6 +389,7 @@ def _run(args, progress: bool) -> int:
                              retain_batch_size=args.finetune_batch, seed=args.seed),
             teacher_steps=args.teacher_steps,
             attack=AttackConfig(steps=args.attack_steps, lr=args.attack_lr, init=args.attack_init,
+                                batch_size=args.attack_batch,
                                 eval_samples=args.attack_samples, seed=args.seed),
             attack_sampler_steps=args.attack_sampler_steps, per_class=args.per_class, seed=args.seed)
         compare_main(args.teacher or TEACHER_DIR, args.classifier or CLASSIFIER_FILE, args.out, cfg,
