@@ -19,8 +19,12 @@ INTERPRETED: bool = bool(knobs.runtime.interpret)
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def check_inputs(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], weight: torch.Tensor) -> None:
-    """Raise a ValueError naming the bad tensor for every condition the kernels rely on."""
+def check_inputs(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], weight: torch.Tensor,
+                 runnable: bool = True) -> None:
+    """Raise a ValueError naming the bad tensor for every condition the kernels rely on.
+
+    ``runnable=False`` (fake/meta tensors, used when tracing) skips the can-Triton-run-here check.
+    """
     first, name0 = tensors[0], names[0]
     for name, t in zip(names, tensors):
         if not isinstance(t, torch.Tensor):
@@ -45,7 +49,8 @@ def check_inputs(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], weig
         raise ValueError(f"weight has dtype {weight.dtype}; it must be a floating dtype")
     if weight.device != first.device:
         raise ValueError(f"weight is on {weight.device} but {name0} is on {first.device}; they must be equal")
-    check_device(first.device)
+    if runnable:
+        check_device(first.device)
 
 
 def check_device(device: torch.device) -> None:
@@ -134,3 +139,8 @@ def row_coefficient(per_sample: torch.Tensor, weight: torch.Tensor, grad_total: 
     if grad_per_sample is not None:
         coef = coef + grad_per_sample.float()
     return torch.where(torch.isfinite(per_sample), coef, torch.zeros_like(coef))
+
+
+def empty_output(like: torch.Tensor) -> torch.Tensor:
+    """A fresh (0,)-shaped stand-in for a gradient nobody asked for (custom-op outputs may not alias)."""
+    return like.new_empty((0,))

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_inputs, finalise, row_coefficient, tiling
+from ._common import check_inputs, empty_output as _empty, finalise, row_coefficient, tiling
 
 
 @triton.jit
@@ -106,10 +106,9 @@ def _backward_launch(a, target, x, c_skip, c_out, scale, precond, need_a, need_t
     batch = a.shape[0]
     n = a.numel() // batch
     blk, chk, n_chunks = tiling(batch, n, a.device, block, chunk)
-    empty = a.new_empty((0,))
-    ga = torch.empty_like(a) if need_a else empty
-    gt = torch.empty_like(target) if need_t else empty
-    gx = torch.empty_like(x) if need_x else empty
+    ga = torch.empty_like(a) if need_a else _empty(a)
+    gt = torch.empty_like(target) if need_t else _empty(a)
+    gx = torch.empty_like(x) if need_x else _empty(a)
     _edm_backward_kernel[(batch, n_chunks)](a, target, x, c_skip, c_out, scale.float().contiguous(), ga, gt, gx, n,
                                             chk, PRECOND=precond, WRITE_A=need_a, WRITE_T=need_t, WRITE_X=need_x,
                                             BLOCK=blk)
@@ -128,6 +127,7 @@ def edm_loss_op(denoised: torch.Tensor, target: torch.Tensor, weight: torch.Tens
 
 @edm_loss_op.register_fake
 def _(denoised, target, weight, block=0, chunk=0):
+    check_inputs(("denoised", "target"), (denoised, target), weight, runnable=False)
     return denoised.new_empty((), dtype=torch.float32), denoised.new_empty((denoised.shape[0],), dtype=torch.float32)
 
 
@@ -142,8 +142,8 @@ def edm_loss_backward_op(denoised: torch.Tensor, target: torch.Tensor, scale: to
 
 @edm_loss_backward_op.register_fake
 def _(denoised, target, scale, need_d, need_t, block=0, chunk=0):
-    empty = denoised.new_empty((0,))
-    return (torch.empty_like(denoised) if need_d else empty, torch.empty_like(target) if need_t else empty)
+    return (torch.empty_like(denoised) if need_d else _empty(denoised),
+            torch.empty_like(target) if need_t else _empty(denoised))
 
 
 def _edm_setup(ctx, inputs, output):
@@ -179,6 +179,7 @@ def edm_precond_loss_op(network_out: torch.Tensor, x: torch.Tensor, c_skip: torc
 
 @edm_precond_loss_op.register_fake
 def _(network_out, x, c_skip, c_out, target, weight, block=0, chunk=0):
+    check_inputs(("network_out", "x", "target"), (network_out, x, target), weight, runnable=False)
     return (network_out.new_empty((), dtype=torch.float32),
             network_out.new_empty((network_out.shape[0],), dtype=torch.float32))
 
@@ -198,9 +199,8 @@ def edm_precond_loss_backward_op(network_out: torch.Tensor, x: torch.Tensor, c_s
 
 @edm_precond_loss_backward_op.register_fake
 def _(network_out, x, c_skip, c_out, target, scale, need_f, need_x, need_t, block=0, chunk=0):
-    empty = network_out.new_empty((0,))
-    return (torch.empty_like(network_out) if need_f else empty, torch.empty_like(x) if need_x else empty,
-            torch.empty_like(target) if need_t else empty)
+    return (torch.empty_like(network_out) if need_f else _empty(network_out), torch.empty_like(x) if need_x else _empty(network_out),
+            torch.empty_like(target) if need_t else _empty(network_out))
 
 
 def _precond_setup(ctx, inputs, output):

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_inputs, finalise, row_coefficient, tiling
+from ._common import check_inputs, empty_output as _empty, finalise, row_coefficient, tiling
 
 
 @triton.jit
@@ -106,6 +106,7 @@ def sid_loss_op(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, w
 
 @sid_loss_op.register_fake
 def _(x_g, y_real, y_fake, weight, alpha, omega_min, block=0, chunk=0):
+    check_inputs(("x_g", "y_real", "y_fake"), (x_g, y_real, y_fake), weight, runnable=False)
     batch = x_g.shape[0]
     return (x_g.new_empty((), dtype=torch.float32), x_g.new_empty((batch,), dtype=torch.float32),
             x_g.new_empty((batch,), dtype=torch.float32))
@@ -122,10 +123,9 @@ def sid_loss_backward_op(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.
     batch = x_g.shape[0]
     n = x_g.numel() // batch
     blk, chk, n_chunks = tiling(batch, n, x_g.device, block, chunk)
-    empty = x_g.new_empty((0,))
-    gx = torch.empty_like(x_g) if need_x else empty
-    gyr = torch.empty_like(y_real) if need_yr else empty
-    gyf = torch.empty_like(y_fake) if need_yf else empty
+    gx = torch.empty_like(x_g) if need_x else _empty(x_g)
+    gyr = torch.empty_like(y_real) if need_yr else _empty(x_g)
+    gyf = torch.empty_like(y_fake) if need_yf else _empty(x_g)
     _sid_backward_kernel[(batch, n_chunks)](x_g, y_real, y_fake, scale.float().contiguous(), gx, gyr, gyf, n, chk,
                                             float(alpha), WRITE_X=need_x, WRITE_YR=need_yr, WRITE_YF=need_yf,
                                             BLOCK=blk)
@@ -134,9 +134,8 @@ def sid_loss_backward_op(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.
 
 @sid_loss_backward_op.register_fake
 def _(x_g, y_real, y_fake, scale, alpha, need_x, need_yr, need_yf, block=0, chunk=0):
-    empty = x_g.new_empty((0,))
-    return (torch.empty_like(x_g) if need_x else empty, torch.empty_like(y_real) if need_yr else empty,
-            torch.empty_like(y_fake) if need_yf else empty)
+    return (torch.empty_like(x_g) if need_x else _empty(x_g), torch.empty_like(y_real) if need_yr else _empty(x_g),
+            torch.empty_like(y_fake) if need_yf else _empty(x_g))
 
 
 def _setup_context(ctx, inputs, output):
