@@ -9,6 +9,8 @@ so the forward is one pass over the data plus O(B * n_chunks) scalar work.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -63,6 +65,11 @@ def check_device(device: torch.device) -> None:
                      "Triton interpreter, i.e. with TRITON_INTERPRET=1 set before sfd_fast.kernels is imported")
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()).multi_processor_count
+
+
 def tiling(batch: int, n: int, device: torch.device, block: int = 0, chunk: int = 0) -> tuple[int, int, int]:
     """(BLOCK, CHUNK, n_chunks) for B rows of n elements.
 
@@ -76,7 +83,7 @@ def tiling(batch: int, n: int, device: torch.device, block: int = 0, chunk: int 
     if block & (block - 1):
         raise ValueError(f"block must be a power of two, got {block}")
     if chunk <= 0:
-        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else batch
+        programs = 4 * _sm_count(device.index) if device.type == "cuda" else batch
         n_chunks = max(1, min(triton.cdiv(programs, batch), triton.cdiv(n, block)))
         chunk = triton.cdiv(triton.cdiv(n, n_chunks), block) * block
     chunk = max(block, triton.cdiv(chunk, block) * block)
@@ -108,7 +115,7 @@ def finalise_kernel(part_ptr, weight_ptr, per_sample_ptr, omega_ptr, total_ptr, 
             omega = tl.full([BLOCK_B], 1.0, dtype=tl.float32)
         per_sample = s_loss / omega
         w = tl.load(weight_ptr + rows, mask=m, other=0.0).to(tl.float32)
-        finite = tl.abs(per_sample) < float("inf")  # False for NaN and +-inf
+        finite = tl.abs(per_sample) <= 3.4028234663852886e38  # FLT_MAX: False for NaN and +-inf
         acc += tl.where(finite & m, per_sample * w, 0.0)
         tl.store(per_sample_ptr + rows, per_sample, mask=m)
         tl.store(omega_ptr + rows, omega, mask=m)
