@@ -84,7 +84,9 @@ def _edm_backward_kernel(a_ptr, t_ptr, x_ptr, cskip_ptr, cout_ptr, scale_ptr, ga
             tl.store(gx_ptr + base + idx, (cs * g).to(gx_ptr.dtype.element_ty), mask=m)
 
 
-def _row_vector(c: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+def _row_vector(c: torch.Tensor, batch: int, name: str, device: torch.device) -> torch.Tensor:
+    if c.device != device:
+        raise ValueError(f"{name} is on {c.device} but network_out is on {device}; they must be equal")
     if c.numel() != batch or (c.dim() > 0 and c.shape[0] != batch):
         raise ValueError(f"{name} has shape {tuple(c.shape)}; expected one value per sample, e.g. ({batch},) "
                          f"or ({batch}, 1, 1, 1)")
@@ -173,7 +175,8 @@ def edm_precond_loss_op(network_out: torch.Tensor, x: torch.Tensor, c_skip: torc
     """EDM loss of D = c_skip x + c_out F without materialising D. F, x, target (B, ...); c_* B values."""
     check_inputs(("network_out", "x", "target"), (network_out, x, target), weight)
     batch = network_out.shape[0]
-    c_skip, c_out = _row_vector(c_skip, batch, "c_skip"), _row_vector(c_out, batch, "c_out")
+    c_skip = _row_vector(c_skip, batch, "c_skip", network_out.device)
+    c_out = _row_vector(c_out, batch, "c_out", network_out.device)
     return _forward(network_out, target, x, c_skip, c_out, weight, True, block, chunk)
 
 
@@ -191,7 +194,8 @@ def edm_precond_loss_backward_op(network_out: torch.Tensor, x: torch.Tensor, c_s
                                  chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dLoss/dF, dLoss/dx, dLoss/dtarget) for per-row scale c_i (B,); one not asked for is empty."""
     batch = network_out.shape[0]
-    c_skip, c_out = _row_vector(c_skip, batch, "c_skip"), _row_vector(c_out, batch, "c_out")
+    c_skip = _row_vector(c_skip, batch, "c_skip", network_out.device)
+    c_out = _row_vector(c_out, batch, "c_out", network_out.device)
     gf, gt, gx = _backward_launch(network_out, target, x, c_skip, c_out, scale, True, need_f, need_t, need_x,
                                   block, chunk)
     return gf, gx, gt

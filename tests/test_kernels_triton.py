@@ -4,6 +4,9 @@ Tolerance rule (flash-attention's): on each output and gradient, the kernel's ma
 the fp32 reference (run on the same, already-rounded inputs), relative to the reference's max
 magnitude, is at most 2x the error of plain PyTorch evaluating the same formula in the input
 dtype, and never required below 1e-5 (fp32 reductions in a different order: ~sqrt(N) eps).
+Under the interpreter only, bf16 gradients may also be off by one bf16 ulp (2^-7 relative): the
+interpreter converts fp32 -> bf16 by truncation (round-to-nearest-even on a GPU), which can
+exceed 2x plain PyTorch's error for formulas as short as the EDM gradient.
 """
 
 from __future__ import annotations
@@ -74,13 +77,14 @@ def rel_err(value, ref):
 
 
 def check_against_reference(kernel_fn, ref_fn, naive_fn, inputs, w):
-    grad_ps = torch.rand(w.shape, device=DEVICE)
+    grad_ps = torch.rand(w.shape, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    truncation = 2.0 ** -7 if INTERPRETED and inputs[0].dtype == torch.bfloat16 else 0.0
     k = run(kernel_fn, inputs, w, grad_ps)
     ref = run(ref_fn, [t.float() for t in inputs], w, grad_ps)
     lowp = run(naive_fn, inputs, w, grad_ps)
     names = ["total", "per_sample"] + [f"grad[{i}]" for i in range(len(inputs))]
     for name, kv, rv, lv in zip(names, [k[0], k[1], *k[2]], [ref[0], ref[1], *ref[2]], [lowp[0], lowp[1], *lowp[2]]):
-        bound = max(2 * rel_err(lv, rv), FLOOR)
+        bound = max(2 * rel_err(lv, rv), FLOOR, truncation if name.startswith("grad") else 0.0)
         assert rel_err(kv, rv) <= bound, f"{name}: kernel error {rel_err(kv, rv):.3g} > bound {bound:.3g}"
     for kg, x in zip(k[2], inputs):
         assert kg.dtype == x.dtype and kg.shape == x.shape
@@ -225,6 +229,16 @@ def test_bad_input_raises_clear_errors(fn):
         call(x, yr, yf, w[:1])
     with pytest.raises(ValueError, match="is on"):
         call(x, yr.to("meta"), yf.to("meta"))
+
+
+def test_precond_bad_coefficients_and_their_gradient():
+    (f, x, t), w = sid_inputs((2, 3, 4, 4), torch.float32)
+    with pytest.raises(ValueError, match="c_skip has shape"):
+        edm_precond_denoising_loss(f, x, torch.ones(3), torch.ones(2), t, w)
+    c_skip = torch.ones(2, requires_grad=True)
+    total, _ = edm_precond_denoising_loss(f, x, c_skip, torch.ones(2), t, w)
+    with pytest.raises(NotImplementedError, match="constants"):
+        total.backward()
 
 
 # ---- dispatch -----------------------------------------------------------------------------------
