@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # No GPU (CI): Triton kernels run in its interpreter. Must be set before anything imports
+    # triton, so here rather than in the kernel tests (torch.compile tests may import it first).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sfd_fast import EDMDenoiser, UNetConfig, build_unet
 
