@@ -12,18 +12,20 @@ case "$what" in demo|test) shift ;; *) echo "usage: $0 demo|test [options]" >&2;
 
 key=$(cat "$root/pyproject.toml" "$root/setup.py" "$root/scripts/run.sh" | sha256sum | cut -c1-16)
 venv=${SFD_FAST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/sfd_fast/venv-$key}
+# pip here warns about every unused local index entry: keep real errors, drop that noise.
+pip_q() { "$venv/bin/pip" install -q "$@" 2> >(grep -v '^WARNING: Location' >&2); }
 if [ ! -f "$venv/.complete" ]; then
   echo "sfd_fast: building the environment in $venv (first run only)" >&2
   rm -rf "$venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q --upgrade pip "setuptools>=68" wheel
-  "$venv/bin/pip" install -q "torch==${SFD_FAST_TORCH:-2.13.0}"
-  "$venv/bin/pip" install -q --no-build-isolation -e "$root[dev]"
+  pip_q --upgrade pip "setuptools>=68" wheel
+  pip_q "torch==${SFD_FAST_TORCH:-2.13.0}"
+  pip_q --no-build-isolation -e "$root[dev]"
   touch "$venv/.complete"
 fi
 # The cached environment may have been built from another clone: point it at this one.
 SFD_FAST_SKIP_CUDA_BUILD=${SFD_FAST_SKIP_CUDA_BUILD:-1} \
-  "$venv/bin/pip" install -q --no-build-isolation --no-deps -e "$root" 2>/dev/null
+  pip_q --no-build-isolation --no-deps -e "$root"
 
 cd "$root"
 if [ "$what" = demo ]; then
