@@ -16,7 +16,7 @@ import contextlib
 import torch
 from torch import nn
 
-from .networks import DDPMDenoiser, batch_sigma
+from .networks import batch_sigma
 
 
 class LatentDenoiser(nn.Module):
@@ -49,7 +49,14 @@ class LatentDenoiser(nn.Module):
         self.compute_dtype = compute_dtype  # e.g. torch.bfloat16: autocast the UNet, weights stay as they are
         self._check_guidance()
 
-    timestep = DDPMDenoiser.timestep
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Fractional DDPM timestep (B,) of sigma (B,); same as ``DDPMDenoiser.timestep``, but the
+        table lookup is a compare-and-count instead of searchsorted so that ONNX export works."""
+        table = self.log_sigmas
+        log_sigma = sigma.to(table.dtype).log().clamp(table[0], table[-1])
+        hi = (table < log_sigma[:, None]).sum(1).clamp(1, table.numel() - 1)
+        lo_val, hi_val = table[hi - 1], table[hi]
+        return (hi - 1).to(table.dtype) + (log_sigma - lo_val) / (hi_val - lo_val)
 
     def _check_guidance(self) -> None:
         if self.guidance_scale != 1.0 and self.negative_embedding is None:

@@ -85,7 +85,7 @@ def build_tiny_pipeline(path: str | os.PathLike, prediction_type: str = "epsilon
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1))
     # SD's training schedule: scaled_linear betas 0.00085..0.012 over 1000 steps.
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, prediction_type=prediction_type)
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)

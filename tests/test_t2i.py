@@ -209,3 +209,31 @@ def test_save_load_and_sample_generator(pipe, pipeline_dirs, tmp_path):
     assert images.shape == (2, 3, 16, 16) and bool(images.abs().le(1).all())
     with pytest.raises(CheckpointError, match="not a text-to-image one-step generator"):
         load_t2i_generator(pipeline_dirs["epsilon"])
+
+
+def test_cli_distill_pipeline_then_sample(pipeline_dirs, tmp_path, capsys):
+    from PIL import Image
+
+    from sfd_fast.cli import main
+
+    out = tmp_path / "run"
+    code = main(["distill", "--pipeline", str(pipeline_dirs["epsilon"]), "--out", str(out), "--forget", "brad pitt",
+                 "--override", "a middle aged man", "--steps", "1", "--set", "batch_size=1",
+                 "--set", "forget_batch_size=1", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    png = tmp_path / "s.png"
+    assert main(["sample", "--generator", str(out / "generator"), "--prompt", "brad pitt", "--prompt", "a cat",
+                 "--num", "2", "--out", str(png)]) == 0
+    side = 2 * (2 * (16 + 1) + 1)  # 2x2 grid of 16x16 images, 1-pixel gaps, upscaled x2
+    assert Image.open(png).size == (side, side)
+    assert "NFE 1" in capsys.readouterr().out
+
+
+def test_cli_unpaired_forget_is_a_clear_error(pipeline_dirs, tmp_path, capsys):
+    from sfd_fast.cli import main
+
+    code = main(["distill", "--pipeline", str(pipeline_dirs["epsilon"]), "--out", str(tmp_path / "o"),
+                 "--forget", "brad pitt", "--steps", "1", "--no-progress"])
+    assert code == 2
+    assert "must be given in pairs" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
