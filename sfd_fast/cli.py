@@ -35,6 +35,69 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+# --- scale-out and reliability options of `distill` (sfd_fast.resilient, sfd_fast.distributed) ---
+def _add_resilience_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("checkpoints, resume and multi-GPU (see docs/distributed.md)")
+    g.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="where full-state checkpoints go (default: <out>/checkpoints when any option here is used)")
+    g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save a resumable checkpoint every N steps (default: 0 = at the end and on SIGTERM/SIGINT)")
+    g.add_argument("--keep-last", type=int, default=3, metavar="N", help="checkpoints kept (default: 3)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --checkpoint-dir (bit-exact on the same setup)")
+
+
+def _wants_resilient_run(args) -> bool:
+    import os
+
+    return bool(args.resume or args.checkpoint_every or args.checkpoint_dir is not None
+                or int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+
+def _distill_resilient(args, config: SFDConfig, progress: bool) -> int:
+    """`distill` with checkpoints/resume/signals, on one process or every torchrun rank."""
+    import os
+
+    from . import distributed
+    from .evaluate import write_json
+    from .faults import NonFiniteError
+    from .networks import load_denoiser, save_generator
+    from .resilient import run_resilient
+    from .state import SFDState
+
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one rank per process
+        device = distributed.init_from_env("gloo" if args.device == "cpu" else "nccl")
+    try:
+        state = SFDState.create(config, load_denoiser(args.teacher, device), device)
+        distributed.distribute_state(state, "ddp")
+        root = args.checkpoint_dir or args.out / "checkpoints"
+        say = print if distributed.is_main() else (lambda *a, **k: None)
+        try:
+            result = run_resilient(state, args.steps, checkpoint_root=root, checkpoint_every=args.checkpoint_every,
+                                   keep_last=args.keep_last, resume=args.resume, backend=args.backend,
+                                   on_log=(lambda step, m: say(f"step {step}: " + " ".join(
+                                       f"{k}={v:.4g}" for k, v in sorted(m.items())))) if progress else None)
+        except NonFiniteError as exc:
+            print(f"sfd-fast distill: stopped: {exc}", file=sys.stderr)
+            return 3
+        if result.resumed_from is not None:
+            say(f"resumed from {result.resumed_from}")
+        if result.interrupted:
+            say(f"interrupted at step {state.step}; checkpoint {result.checkpoint}; continue with --resume")
+            return 0
+        if distributed.is_main():
+            args.out.mkdir(parents=True, exist_ok=True)
+            save_generator(state.generator_ema, args.out / "generator")
+            write_json(config.to_dict(), args.out / "config.json")
+            write_json({"log": result.log}, args.out / "train_log.json")
+            say(f"saved generator to {args.out / 'generator'}; checkpoint {result.checkpoint}")
+        return 0
+    finally:
+        distributed.shutdown()
+# --- end of scale-out and reliability options ---
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfd-fast", description=(
         "Score Forgetting Distillation: distil a class-conditional diffusion model into a one-step "
@@ -85,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one SFDConfig field (JSON value), e.g. --set lr_gen=1e-4; repeatable")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cuda"],
                    help="loss implementation (default: $SFD_FAST_BACKEND or auto)")
+    _add_resilience_args(p)
     _add_forget_args(p)
     _add_common(p)
 
@@ -138,6 +202,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local ONNX feature network for FID (e.g. Inception pool3); default: classifier features")
     _add_forget_args(p)
     _add_common(p)
+
+    # --- export / serve (issue 5) ---
+    p = sub.add_parser("export", help="export a generator checkpoint to ONNX (and a TensorRT engine)",
+                       description="Export a generator directory written by save_generator / `sfd-fast distill` to "
+                                   "ONNX, verified in onnxruntime; with --engine also build a TensorRT engine.")
+    p.add_argument("--generator", type=Path, required=True, help="generator directory")
+    p.add_argument("--out", type=Path, required=True, help="output .onnx path")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    p.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"],
+                   help="ONNX exporter; dynamo falls back to torchscript on failure (default: dynamo)")
+    p.add_argument("--engine", type=Path, default=None, help="also build a TensorRT engine here (needs tensorrt + GPU)")
+    p.add_argument("--precision", default="fp16", choices=["fp32", "fp16", "bf16"], help="engine precision")
+    p.add_argument("--max-batch", type=int, default=64, help="largest engine batch (default: 64)")
+    p.set_defaults(no_progress=True)
+
+    p = sub.add_parser("serve", help="serve a .onnx or .engine over HTTP (POST /generate, GET /health)")
+    p.add_argument("model", type=Path, help=".onnx (onnxruntime) or .engine (TensorRT) file")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--max-batch", type=int, default=64, help="images per micro-batch (default: 64)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0, help="micro-batch collection window (default: 5)")
+    p.add_argument("--max-count", type=int, default=16, help="images per request limit (default: 16)")
+    p.add_argument("--queue-size", type=int, default=256, help="queued requests before 503 (default: 256)")
+    p.set_defaults(no_progress=True)
     return parser
 
 
@@ -174,6 +262,42 @@ def _run(args, progress: bool) -> int:
     import torch
 
     from .evaluate import write_json
+
+    if args.command == "export":
+        from .export import build_engine, to_onnx
+        from .networks import load_generator
+
+        result = to_onnx(load_generator(args.generator), args.out, opset=args.opset, exporter=args.exporter)
+        print(f"wrote {result.path} (exporter {result.exporter}, opset {result.opset}, "
+              f"max abs error vs PyTorch {result.max_abs_error:.2e})")
+        if args.engine is not None:
+            from .export import TensorRTUnavailable
+            try:
+                engine = build_engine(args.out, args.engine, precision=args.precision,
+                                      batch_sizes=(1, min(16, args.max_batch), args.max_batch))
+            except TensorRTUnavailable as exc:
+                print(f"sfd-fast export: cannot build the engine: {exc}", file=sys.stderr)
+                return 2
+            print(f"wrote {engine} ({args.precision})")
+        return 0
+
+    if args.command == "serve":
+        from .export import load_runner
+        from .serve import GenerationServer
+
+        from .export import TensorRTUnavailable
+        try:
+            runner = load_runner(args.model)
+        except TensorRTUnavailable as exc:
+            print(f"sfd-fast serve: {exc}", file=sys.stderr)
+            return 2
+        server = GenerationServer(runner, args.host, args.port, max_batch=args.max_batch,
+                                  max_wait_ms=args.max_wait_ms, max_count=args.max_count, queue_size=args.queue_size)
+        print(f"serving {args.model} ({server.runner.name}) on http://{server.address[0]}:{server.address[1]} "
+              "- POST /generate, GET /health; Ctrl-C to stop", flush=True)
+        server.serve_until_signal()
+        print("stopped")
+        return 0
 
     if args.command == "demo":
         from .demo import run_demo
@@ -220,6 +344,8 @@ def _run(args, progress: bool) -> int:
         from .networks import load_denoiser, save_generator
 
         config = _sfd_config(args)
+        if _wants_resilient_run(args):
+            return _distill_resilient(args, config, progress)
         teacher = load_denoiser(args.teacher, args.device)
         log = []
         state = distill(teacher, config, args.steps, device=args.device, backend=args.backend, progress=progress,

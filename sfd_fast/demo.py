@@ -73,4 +73,4 @@ def acceptance(m: dict) -> dict[str, bool]:
     }
 
 
-DEMO_STEPS = 300
+DEMO_STEPS = 150

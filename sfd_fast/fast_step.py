@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import dispatch
+from . import dispatch, faults
 from .forget import Conditions
 from .losses import edm_loss_weight, edm_training_sigma, sfd_sample_weights, sid_training_sigma
 from .state import SFDState
@@ -266,8 +266,9 @@ def _step_body(state: SFDState, rt: _Runtime, cond: Conditions) -> dict[str, tor
         loss.backward(inputs=fake_params)
         loss_fake = loss_fake + loss.detach()
         nonfinite_fake = nonfinite_fake + (~torch.isfinite(per_sample)).sum()
+    update_ok = faults.check_finite(loss_fake, fake_params)
     sanitize_grads(fake_params, None)
-    state.opt_fake.step()
+    skipped_fake = faults.guarded_step(state, "fake", state.opt_fake, update_ok)
 
     # ---- generator step: SiD loss, teacher at override labels; input-only backward through phi, psi
     state.opt_gen.zero_grad(set_to_none=True)
@@ -289,13 +290,14 @@ def _step_body(state: SFDState, rt: _Runtime, cond: Conditions) -> dict[str, tor
             sum_remain = sum_remain + clean[:r_per].sum()
             sum_forget = sum_forget + clean[r_per:].sum()
             nonfinite_gen = nonfinite_gen + (~finite).sum()
+    update_ok = faults.check_finite(loss_gen, gen_params)
     sanitize_grads(gen_params, cfg.grad_clip_value)
-    state.opt_gen.step()
+    skipped_gen = faults.guarded_step(state, "gen", state.opt_gen, update_ok)
 
     _ema_update(state, rt.images_seen, n)
     return {"loss_fake": loss_fake, "nonfinite_fake": nonfinite_fake, "loss_gen": loss_gen,
             "loss_gen_remain": sum_remain / n_r, "loss_gen_forget": sum_forget / n_f,
-            "nonfinite_gen": nonfinite_gen}
+            "nonfinite_gen": nonfinite_gen, **skipped_fake, **skipped_gen}
 
 
 def _graph_step(state: SFDState, rt: _Runtime, cond: Conditions) -> dict[str, torch.Tensor]:

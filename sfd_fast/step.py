@@ -11,7 +11,7 @@ import contextlib
 import torch
 from torch import nn
 
-from . import dispatch
+from . import dispatch, faults
 from .ema import ema_beta, update_ema
 from .forget import Conditions
 from .losses import edm_loss_weight, edm_training_sigma, sfd_sample_weights, sid_training_sigma
@@ -62,9 +62,10 @@ def fake_score_step(state: SFDState, cond: Conditions, loss_fns: dispatch.LossFu
     loss, per_sample = loss_fns.edm_denoising_loss(denoised, x_g, weight)
     state.opt_fake.zero_grad(set_to_none=True)
     loss.backward()
+    update_ok = faults.check_finite(loss, state.fake.parameters())
     sanitize_grads(state.fake.parameters(), None)
-    state.opt_fake.step()
-    return {"loss_fake": loss.detach(), "nonfinite_fake": (~torch.isfinite(per_sample)).sum()}
+    skipped = faults.guarded_step(state, "fake", state.opt_fake, update_ok)
+    return {"loss_fake": loss.detach(), "nonfinite_fake": (~torch.isfinite(per_sample)).sum(), **skipped}
 
 
 def generator_step(state: SFDState, cond: Conditions, loss_fns: dispatch.LossFunctions,
@@ -87,8 +88,9 @@ def generator_step(state: SFDState, cond: Conditions, loss_fns: dispatch.LossFun
                                                    omega_min=cfg.omega_min)
     state.opt_gen.zero_grad(set_to_none=True)
     loss.backward()
+    update_ok = faults.check_finite(loss, state.generator.parameters())
     sanitize_grads(state.generator.parameters(), cfg.grad_clip_value)
-    state.opt_gen.step()
+    skipped = faults.guarded_step(state, "gen", state.opt_gen, update_ok)
     finite = torch.isfinite(per_sample)
     clean = torch.where(finite, per_sample, torch.zeros_like(per_sample)).detach()
     return {
@@ -96,6 +98,7 @@ def generator_step(state: SFDState, cond: Conditions, loss_fns: dispatch.LossFun
         "loss_gen_remain": clean[:cfg.batch_size].mean(),
         "loss_gen_forget": clean[cfg.batch_size:].mean(),
         "nonfinite_gen": (~finite).sum(),
+        **skipped,
     }
 
 

@@ -68,7 +68,7 @@ def test_finetune_baselines_take_finite_steps(tiny_teacher, method):
         assert len(changed) > 1
     # The copy equals the original at step 0, so the retain term only shows from the second step on;
     # for advunlearn it stays 0: table rows are independent, the remaining rows never move.
-    assert float(metrics["loss_retain"]) == 0.0
+    assert abs(float(metrics["loss_retain"])) < 1e-9  # bit-exact only single-threaded (reduction order)
     assert (float(run.step()["loss_retain"]) > 0.0) == (method == "retain_distill")
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from sfd_fast.cli import build_parser, main
 
-SUBCOMMANDS = ["demo", "pretrain-teacher", "train-classifier", "distill", "evaluate"]
+SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -32,3 +32,11 @@ def test_committed_assets_load_and_classifier_is_accurate():
     clf = DigitClassifier.load(CLASSIFIER_FILE)
     x, y = load_embedded_mnist("test")
     assert (clf.predict(x) == y).float().mean() > 0.95  # measured 0.976 when it was trained
+
+
+@pytest.mark.slow
+def test_full_demo_meets_acceptance(tmp_path):
+    """The README's demo, as shipped (~5 min on 2 CPU cores): forgetting worked and remain quality held."""
+    metrics = run_demo(tmp_path, progress=False)
+    assert metrics["forget_accuracy"] <= 0.05 and metrics["override_rate"] >= 0.80
+    assert metrics["remain_accuracy"] >= metrics["teacher_remain_accuracy"] - 0.10

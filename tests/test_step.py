@@ -84,7 +84,8 @@ def test_random_override_draws_remaining_classes(tiny_teacher):
 
 
 def test_nan_sample_does_not_poison_the_update(tiny_teacher):
-    """A NaN sample is masked from the loss; its gradient is zeroed by nan_to_num (reference behaviour)."""
+    """A NaN sample is masked from the loss and counted; the NaN it leaves in the gradients makes
+    the update a counted no-op (nonfinite_policy="skip"), so no weight ever turns NaN."""
     state = SFDState.create(CONFIG, tiny_teacher)
     cond = state.forget.sample_conditions(4, 2, state.rng, "cpu")
     original = state.teacher.forward

@@ -1,0 +1,96 @@
+"""Inference: one-step generator (eager, torch.compile, onnxruntime, TensorRT) vs the teacher's Heun sampler.
+
+Groups: latency-b1 (batch 1) and throughput-b64 (batch 64). Every entry records ``images`` and
+``nfe`` in extra_info; the one-step speed-up per image = teacher-heun mean / provider mean in the
+same group (same batch, same run). Preset: SFD_BENCH_PRESET=tiny|demo (default tiny).
+
+    python -m pytest bench/bench_inference.py --benchmark-enable --benchmark-json=bench/results/inference-cpu.json
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sfd_fast import EDMDenoiser, UNetConfig, build_unet
+from sfd_fast.export import OnnxRuntimeRunner, TorchRunner, build_engine, load_runner, tensorrt_available, to_onnx
+from sfd_fast.networks import OneStepGenerator
+from sfd_fast.sampler import edm_heun_sample, heun_nfe
+
+PRESET = os.environ.get("SFD_BENCH_PRESET", "tiny")
+BATCHES = {"latency-b1": 1, "throughput-b64": 64}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def generator():
+    torch.manual_seed(0)
+    return OneStepGenerator(EDMDenoiser(build_unet(UNetConfig.from_name(PRESET)))).eval()
+
+
+@pytest.fixture(scope="module")
+def onnx_path(generator, tmp_path_factory):
+    path = tmp_path_factory.mktemp("bench") / "g.onnx"
+    to_onnx(generator, path, exporter="torchscript")
+    return path
+
+
+def _inputs(generator, b):
+    z = torch.randn(b, *generator.denoiser.image_shape, device=DEVICE)
+    return z, torch.arange(b, device=DEVICE) % generator.denoiser.num_classes
+
+
+def _run(benchmark, group, fn, nfe):
+    b = BATCHES[group]
+    benchmark.group = group
+    benchmark.extra_info.update(images=b, nfe=nfe, preset=PRESET, device=DEVICE)
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+
+    def call():
+        out = fn()
+        sync()
+        return out
+
+    call()  # warm-up (compilation, allocator)
+    benchmark.pedantic(call, rounds=5 if b > 1 else 20, iterations=1)
+
+
+@pytest.mark.parametrize("group", BATCHES)
+def test_torch_eager(benchmark, generator, group):
+    runner = TorchRunner(generator, DEVICE)
+    z, c = _inputs(generator, BATCHES[group])
+    _run(benchmark, group, lambda: runner(z, c), 1)
+
+
+@pytest.mark.parametrize("group", BATCHES)
+def test_torch_compile(benchmark, generator, group):
+    runner = TorchRunner(generator, DEVICE, compile=True)
+    z, c = _inputs(generator, BATCHES[group])
+    _run(benchmark, group, lambda: runner(z, c), 1)
+
+
+@pytest.mark.parametrize("group", BATCHES)
+def test_onnxruntime(benchmark, generator, onnx_path, group):
+    runner = OnnxRuntimeRunner(onnx_path)
+    z, c = _inputs(generator, BATCHES[group])
+    _run(benchmark, group, lambda: runner(z, c), 1)
+
+
+_TRT_OK, _TRT_WHY = tensorrt_available()
+
+
+@pytest.mark.skipif(not _TRT_OK, reason=f"TensorRT unavailable: {_TRT_WHY}")
+@pytest.mark.parametrize("group", BATCHES)
+def test_tensorrt_fp16(benchmark, generator, onnx_path, group):
+    runner = load_runner(build_engine(onnx_path, precision="fp16", batch_sizes=(1, 64, 128)))
+    z, c = _inputs(generator, BATCHES[group])
+    _run(benchmark, group, lambda: runner(z, c), 1)
+
+
+@pytest.mark.parametrize("group", BATCHES)
+def test_teacher_heun18(benchmark, generator, group):
+    teacher = generator.denoiser.to(DEVICE)  # same network, so per-NFE cost is identical
+    z, c = _inputs(generator, BATCHES[group])
+    _run(benchmark, group, lambda: edm_heun_sample(teacher, z, c, num_steps=18), heun_nfe(18))

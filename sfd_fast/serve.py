@@ -1,0 +1,230 @@
+"""Generation HTTP server: POST /generate, GET /health; requests micro-batched onto one runner.
+
+One worker thread owns the runner (runners are not assumed thread-safe) and batches queued requests
+up to ``max_batch`` images or ``max_wait_ms``. The queue is bounded: when full, /generate answers 503.
+Forgotten classes are served like any other class: the response is what the model now generates.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import torch
+
+FORMATS = ("png", "raw")
+
+
+class BadRequest(ValueError):
+    pass
+
+
+@dataclass
+class _Job:
+    label: int
+    count: int
+    seed: int
+    done: threading.Event = field(default_factory=threading.Event)
+    images: torch.Tensor | None = None
+    error: str | None = None
+
+
+def parse_request(body: bytes, num_classes: int, max_count: int) -> dict:
+    """Validate a /generate JSON body -> {class, count, seed, format}; raises BadRequest naming the problem."""
+    try:
+        req = json.loads(body or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}")
+    if not isinstance(req, dict):
+        raise BadRequest('body must be a JSON object like {"class": 3, "count": 4, "seed": 0, "format": "png"}')
+    unknown = set(req) - {"class", "count", "seed", "format"}
+    if unknown:
+        raise BadRequest(f"unknown field(s) {sorted(unknown)}; allowed: class, count, seed, format")
+
+    def integer(name, default, lo, hi):
+        v = req.get(name, default)
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise BadRequest(f"{name!r} must be an integer, got {v!r}")
+        if not lo <= v <= hi:
+            raise BadRequest(f"{name!r} must be in [{lo}, {hi}], got {v}")
+        return v
+
+    if "class" not in req:
+        raise BadRequest(f"'class' is required (an integer in [0, {num_classes - 1}])")
+    out = {"class": integer("class", None, 0, num_classes - 1), "count": integer("count", 1, 1, max_count),
+           "seed": integer("seed", 0, 0, 2**63 - 1), "format": req.get("format", "png")}
+    if out["format"] not in FORMATS:
+        raise BadRequest(f"'format' must be one of {list(FORMATS)}, got {out['format']!r}")
+    return out
+
+
+def to_png(images: torch.Tensor) -> bytes:
+    """(N, C, H, W) in [-1, 1] -> one PNG, the N images side by side."""
+    from PIL import Image
+
+    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    strip = x.permute(2, 0, 3, 1).reshape(x.shape[2], -1, x.shape[1]).numpy()  # H, N*W, C
+    img = Image.fromarray(strip[..., 0] if strip.shape[-1] == 1 else strip)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def to_npy(images: torch.Tensor) -> bytes:
+    """(N, C, H, W) float32 in [-1, 1] as .npy bytes (np.load(io.BytesIO(body)))."""
+    buf = io.BytesIO()
+    np.save(buf, images.detach().cpu().float().numpy(), allow_pickle=False)
+    return buf.getvalue()
+
+
+class GenerationServer:
+    """``GenerationServer(runner).start()`` serves on ``self.address``; ``stop()`` drains and joins."""
+
+    def __init__(self, runner, host: str = "127.0.0.1", port: int = 8000, *, max_batch: int = 64,
+                 max_wait_ms: float = 5.0, max_count: int = 64, queue_size: int = 256, timeout_s: float = 60.0):
+        if runner.num_classes is None:
+            raise ValueError("the runner does not know its number of classes (sidecar JSON without num_classes)")
+        if max_count > max_batch:
+            raise ValueError(f"max_count ({max_count}) must not exceed max_batch ({max_batch})")
+        self.runner, self.max_batch, self.max_wait = runner, max_batch, max_wait_ms / 1000
+        self.max_count, self.timeout_s = max_count, timeout_s
+        self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.stats = {"requests": 0, "images": 0, "batches": 0, "rejected_full": 0}
+        self.httpd = ThreadingHTTPServer((host, port), self._handler())
+        self.httpd.daemon_threads = True
+        self.address = self.httpd.server_address[:2]
+        self._worker = threading.Thread(target=self._work, name="sfd-generate-worker", daemon=True)
+        self._http = threading.Thread(target=self.httpd.serve_forever, name="sfd-http", daemon=True)
+        self._stopping = threading.Event()
+
+    # ------------------------------------------------------------------ worker
+    def _work(self) -> None:
+        pending = None
+        while True:
+            job = pending or self.jobs.get()
+            pending = None
+            if job is None:
+                return
+            batch, n, deadline = [job], job.count, time.monotonic() + self.max_wait
+            while n < self.max_batch:
+                try:
+                    nxt = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if nxt is None or n + nxt.count > self.max_batch:
+                    pending = nxt if nxt is not None else None
+                    if nxt is None:
+                        self.jobs.put(None)  # seen after this batch, so queued work is drained first
+                    break
+                batch.append(nxt)
+                n += nxt.count
+            self._run(batch)
+
+    def _run(self, batch: list[_Job]) -> None:
+        try:
+            # Noise from each request's own seed, so results do not depend on how requests were batched.
+            z = torch.cat([torch.randn(j.count, *self.runner.image_shape, generator=torch.Generator().manual_seed(j.seed))
+                           for j in batch])
+            c = torch.cat([torch.full((j.count,), j.label, dtype=torch.int64) for j in batch])
+            images = self.runner(z, c).cpu()
+            self.stats["batches"] += 1
+            for j, part in zip(batch, images.split([j.count for j in batch])):
+                j.images = part
+        except Exception as exc:  # report to every waiting client rather than kill the worker
+            for j in batch:
+                j.error = f"generation failed: {exc}"
+        for j in batch:
+            j.done.set()
+
+    # ------------------------------------------------------------------ http
+    def _handler(self):
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet by default; stats are on /health
+                pass
+
+            def _send(self, code: int, body: bytes, ctype: str = "application/json", headers: dict | None = None):
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, str(v))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _json(self, code: int, obj: dict):
+                self._send(code, json.dumps(obj).encode())
+
+            def do_GET(self):
+                if self.path != "/health":
+                    return self._json(404, {"error": f"no route GET {self.path}; try GET /health or POST /generate"})
+                self._json(200, {"status": "stopping" if server._stopping.is_set() else "ok",
+                                 "backend": server.runner.name, "num_classes": server.runner.num_classes,
+                                 "image_shape": list(server.runner.image_shape), "max_count": server.max_count,
+                                 "queue": server.jobs.qsize(), **server.stats})
+
+            def do_POST(self):
+                if self.path != "/generate":
+                    return self._json(404, {"error": f"no route POST {self.path}; try POST /generate"})
+                try:
+                    length = int(self.headers.get("Content-Length", "0"))
+                    if length > 1 << 16:
+                        raise BadRequest(f"body of {length} bytes is over the 65536-byte limit")
+                    req = parse_request(self.rfile.read(length), server.runner.num_classes, server.max_count)
+                except (BadRequest, ValueError) as exc:
+                    return self._json(400, {"error": str(exc)})
+                if server._stopping.is_set():
+                    return self._json(503, {"error": "server is shutting down"})
+                job = _Job(req["class"], req["count"], req["seed"])
+                try:
+                    server.jobs.put_nowait(job)
+                except queue.Full:
+                    server.stats["rejected_full"] += 1
+                    return self._json(503, {"error": "queue full, retry later"})
+                if not job.done.wait(server.timeout_s):
+                    return self._json(504, {"error": f"generation took over {server.timeout_s}s"})
+                if job.error:
+                    return self._json(500, {"error": job.error})
+                server.stats["requests"] += 1
+                server.stats["images"] += job.count
+                headers = {"X-Class": job.label, "X-Count": job.count, "X-Seed": job.seed}
+                if req["format"] == "png":
+                    return self._send(200, to_png(job.images), "image/png", headers)
+                self._send(200, to_npy(job.images), "application/x-npy", headers)
+
+        return Handler
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "GenerationServer":
+        self._worker.start()
+        self._http.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting connections, finish queued work, join both threads."""
+        self._stopping.set()
+        self.httpd.shutdown()
+        self.jobs.put(None)
+        self._worker.join()
+        self.httpd.server_close()
+
+    def serve_until_signal(self) -> None:
+        """Block until SIGINT/SIGTERM, then stop cleanly (main thread only)."""
+        import signal
+
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        self.start()
+        while not stop.wait(0.5):
+            pass
+        self.stop()
