@@ -40,7 +40,7 @@ PROVIDERS = {
     "bf16_autocast": T2IOptions(teacher_precision="bf16", compute_precision="bf16"),
     "bf16_checkpointing": T2IOptions(teacher_precision="bf16", compute_precision="bf16", gradient_checkpointing=True),
 }
-ROUNDS = {"cpu": (1, 3), "cuda": (3, 10)}  # (warmup, timed)
+ROUNDS = {"cpu": (1, 2), "cuda": (3, 10)}  # (warmup, timed)
 CONFIG = T2I_SFD_CONFIG.replace(batch_size=4, forget_batch_size=4)
 SPEC = ConceptSpec.from_substitution("brad pitt", "a middle aged man",
                                      ["a photo of a cat", "a red car", "a bowl of fruit"])
