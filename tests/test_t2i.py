@@ -237,3 +237,18 @@ def test_cli_unpaired_forget_is_a_clear_error(pipeline_dirs, tmp_path, capsys):
     assert code == 2
     assert "must be given in pairs" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_t2i_cli_help_documents_every_option(capsys):
+    from sfd_fast.cli import main
+    from sfd_fast.t2i_cli import build_distill_parser
+
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--pipeline", "x", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for action in build_distill_parser()._actions:
+        assert action.help and all(flag in text for flag in action.option_strings)
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    assert "--prompt" in capsys.readouterr().out
