@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "diffusers DDPM pipeline with unet/ and scheduler/) into a one-step generator "
                                    "that forgets --forget. Hyperparameters start from --preset and --config.")
     p.add_argument("--teacher", type=Path, required=True, help="teacher model directory")
+    p.add_argument("--pipeline", type=Path, metavar="DIR",
+                   help="text-to-image mode on a diffusers SD-style folder; see `sfd-fast distill --pipeline DIR --help`")
     p.add_argument("--out", type=Path, required=True, help="output folder (generator/, config.json, train_log.json)")
     p.add_argument("--steps", type=int, default=1000, help="SFD iterations (default: 1000)")
     p.add_argument("--preset", default="reference", choices=sorted(SFD_PRESETS),
@@ -149,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_resilience_args(p)
     _add_forget_args(p)
     _add_common(p)
+
+    # --- text-to-image: one-step samples from a `distill --pipeline` generator (t2i_cli.py)
+    from .t2i_cli import add_sample_parser
+
+    add_sample_parser(sub)
 
     p = sub.add_parser("evaluate", help="score a generator or a teacher sampler with the classifier",
                        description="Forget/override/remain accuracy of a one-step generator (--generator) or a "
@@ -237,6 +244,12 @@ def _sfd_config(args) -> SFDConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # --- text-to-image: `distill --pipeline DIR` takes prompts, not class indices (t2i_cli.py)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["distill"] and any(a == "--pipeline" or a.startswith("--pipeline=") for a in argv):
+        from .t2i_cli import run_distill
+
+        return run_distill(argv[1:])
     args = build_parser().parse_args(argv)
     progress = not args.no_progress
     try:
@@ -344,6 +357,11 @@ def _run(args, progress: bool) -> int:
         write_json({"log": log}, args.out / "train_log.json")
         print(f"saved generator to {args.out / 'generator'}")
         return 0
+
+    if args.command == "sample":  # text-to-image (t2i_cli.py)
+        from .t2i_cli import run_sample
+
+        return run_sample(args)
 
     if args.command == "evaluate":
         from .classifier import CLASSIFIER_FILE, DigitClassifier

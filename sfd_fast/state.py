@@ -35,10 +35,14 @@ class SFDState:
 
     @classmethod
     def create(cls, config: SFDConfig, teacher: nn.Module,
-               device: torch.device | str | None = None) -> "SFDState":
-        """Copy the teacher into fake score and generator and build their optimizers."""
+               device: torch.device | str | None = None, conditions=None) -> "SFDState":
+        """Copy the teacher into fake score and generator and build their optimizers.
+
+        ``conditions``: any object with ``sample_conditions`` (e.g. text prompts); default: the
+        ForgetSpec of ``config.forget_classes`` over ``teacher.num_classes``.
+        """
         device = torch.device(device) if device is not None else next(teacher.parameters()).device
-        forget = ForgetSpec.from_config(config, teacher.num_classes)
+        forget = conditions if conditions is not None else ForgetSpec.from_config(config, teacher.num_classes)
         teacher = teacher.to(device).eval().requires_grad_(False)
         fake = copy.deepcopy(teacher).train().requires_grad_(True)
         generator = OneStepGenerator(copy.deepcopy(teacher), config.sigma_init).train().requires_grad_(True)

@@ -1,0 +1,156 @@
+"""CLI of the text-to-image path: ``sfd-fast distill --pipeline DIR ...`` and ``sfd-fast sample``.
+
+Only parses arguments and builds configs; ``cli.main`` routes here when ``distill`` gets
+``--pipeline`` (its class-label ``--forget`` takes integers, the text one takes prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_REMAIN = ("a photo of a cat", "a landscape painting", "a red car on a street", "a bowl of fruit",
+                  "a woman reading a book", "a man riding a bicycle")
+
+
+def build_distill_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sfd-fast distill --pipeline", description=(
+        "Text-to-image SFD: distil a local Stable-Diffusion-style pipeline folder into a one-step generator "
+        "that maps each --forget concept to its --override. Modes: substitution over prompt templates "
+        "(default), literal prompt pairs (--literal), or --keywords x --subjects (nudity style)."))
+    p.add_argument("--pipeline", type=Path, required=True, help="diffusers pipeline folder (model_index.json, unet/, ...)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (generator/, config.json, train_log.json)")
+    p.add_argument("--forget", action="append", default=[], metavar="TEXT",
+                   help="concept (or, with --literal, prompt) to forget; repeatable, paired with --override")
+    p.add_argument("--override", action="append", default=[], metavar="TEXT",
+                   help="what replaces the matching --forget, e.g. 'a middle aged man'; repeatable")
+    p.add_argument("--literal", action="store_true", help="use --forget/--override as whole prompts, no templates")
+    p.add_argument("--templates", type=Path, help="file of prompt templates with one '{}' each (default: built-in)")
+    p.add_argument("--keywords", help="comma-separated keywords to erase (keyword mode; also the negative prompt)")
+    p.add_argument("--subjects", help="comma-separated subjects for keyword mode, e.g. 'woman,man'")
+    p.add_argument("--remain-file", type=Path, help="remaining prompts, one per line (default: a built-in list)")
+    p.add_argument("--negative-prompt", default=None, help="CFG negative prompt (default: '' or the keywords)")
+    p.add_argument("--guidance-scale", type=float, default=4.5, help="CFG of teacher and fake score (default: 4.5)")
+    p.add_argument("--generator-guidance-scale", type=float, default=1.0, help="CFG of the generator (default: 1)")
+    p.add_argument("--prompt-drop", type=float, default=0.1, help="fake-score prompt dropout to '' (default: 0.1)")
+    p.add_argument("--teacher-precision", choices=["fp32", "bf16"], default="fp32", help="teacher weight dtype")
+    p.add_argument("--compute-precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: autocast of fake score and generator (fp32 master weights)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute G/teacher activations")
+    p.add_argument("--steps", type=int, default=100, help="SFD iterations (default: 100)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one SFDConfig field (JSON value) of the text-to-image preset; repeatable")
+    p.add_argument("--log-every", type=int, default=10, help="pull metrics to the host every N steps (default: 10)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def _concepts(args):
+    from .t2i_concepts import DEFAULT_TEMPLATES, ConceptSpec, read_prompts
+
+    remain = read_prompts(args.remain_file) if args.remain_file else DEFAULT_REMAIN
+    if args.keywords or args.subjects:
+        if args.forget or args.override:
+            raise ValueError("give either --keywords/--subjects or --forget/--override, not both")
+        split = [s.strip() for s in (args.keywords or "").split(",") if s.strip()]
+        subjects = [s.strip() for s in (args.subjects or "").split(",") if s.strip()]
+        spec = ConceptSpec.from_keywords(split, subjects, remain)
+    else:
+        if not args.forget or len(args.forget) != len(args.override):
+            raise ValueError(f"--forget {args.forget} and --override {args.override} must be given in pairs "
+                             "(at least one), or use --keywords/--subjects")
+        templates = read_prompts(args.templates) if args.templates else DEFAULT_TEMPLATES
+        if args.literal:
+            spec = ConceptSpec.from_pairs(zip(args.forget, args.override), remain)
+        else:
+            pairs = [ConceptSpec.from_substitution(f, o, remain, templates) for f, o in zip(args.forget, args.override)]
+            spec = ConceptSpec(sum((s.forget for s in pairs), ()), sum((s.override for s in pairs), ()), remain)
+    if args.negative_prompt is not None:
+        spec = ConceptSpec(spec.forget, spec.override, spec.remain, args.negative_prompt)
+    return spec
+
+
+def run_distill(argv: list[str]) -> int:
+    args = build_distill_parser().parse_args(argv)
+    try:
+        return _distill(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"sfd-fast distill: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _distill(args) -> int:
+    import time
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from .config import SFDConfig
+    from .evaluate import write_json
+    from .step import train_step
+    from .t2i_distill import T2I_SFD_CONFIG, T2IOptions, build_t2i_state, save_t2i_generator
+    from .t2i_pipeline import load_t2i_pipeline
+
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    config = T2I_SFD_CONFIG.to_dict()
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        config[key] = json.loads(value)
+    config = SFDConfig.from_dict({**config, "seed": args.seed})
+    options = T2IOptions(args.guidance_scale, args.generator_guidance_scale, args.prompt_drop,
+                         args.teacher_precision, args.compute_precision, args.gradient_checkpointing)
+    spec = _concepts(args)
+    torch.manual_seed(args.seed)
+    pipeline = load_t2i_pipeline(args.pipeline, args.device)
+    state = build_t2i_state(pipeline, spec, config, options, args.device)
+    log, start = [], time.perf_counter()
+    for i in tqdm(range(args.steps), desc="sfd-t2i", disable=args.no_progress):
+        metrics = train_step(state)
+        if (i + 1) % args.log_every == 0 or i + 1 == args.steps:
+            log.append({"step": state.step, "seconds": time.perf_counter() - start,
+                        **{k: float(v) for k, v in metrics.items()}})
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_t2i_generator(state.generator_ema, args.pipeline, args.out / "generator", spec.negative_prompt)
+    write_json({"sfd": config.to_dict(), "t2i": vars(options), "forget": list(spec.forget),
+                "override": list(spec.override), "remain": list(spec.remain),
+                "negative_prompt": spec.negative_prompt}, args.out / "config.json")
+    write_json({"log": log}, args.out / "train_log.json")
+    print(f"saved generator to {args.out / 'generator'}")
+    return 0
+
+
+def add_sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="one-step text-to-image samples from a distilled generator (PNG)",
+                       description="Generate images for each --prompt with a generator written by "
+                                   "`sfd-fast distill --pipeline` (one network call, then the VAE decode).")
+    p.add_argument("--generator", type=Path, required=True, help="generator folder (…/generator)")
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="prompt; repeatable")
+    p.add_argument("--num", type=int, default=4, help="images per prompt (default: 4)")
+    p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid, one row per prompt")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="accepted for symmetry; sampling shows no bar")
+
+
+def run_sample(args) -> int:
+    from .images import save_grid
+    from .t2i_distill import load_t2i_generator, sample_t2i
+
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    generator, pipeline = load_t2i_generator(args.generator, args.device)
+    prompts = [p for p in args.prompt for _ in range(args.num)]
+    images = sample_t2i(generator, pipeline, prompts, seed=args.seed)
+    save_grid(images, args.num, args.out)
+    print(f"wrote {args.out} ({len(args.prompt)} prompts x {args.num} images, NFE 1)")
+    return 0
+
+
+__all__ = ["build_distill_parser", "run_distill", "add_sample_parser", "run_sample", "DEFAULT_REMAIN"]

@@ -1,0 +1,254 @@
+"""Text-to-image SFD on a tiny random SD-style pipeline saved locally (real diffusers/transformers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="text-to-image needs the 'text' extra (transformers)")
+
+from sfd_fast import train_step  # noqa: E402
+from sfd_fast.networks import CheckpointError  # noqa: E402
+from sfd_fast.t2i_concepts import ConceptSpec, PromptConditions, read_prompts  # noqa: E402
+from sfd_fast.t2i_denoiser import LatentDenoiser, sigma_of_timestep  # noqa: E402
+from sfd_fast.t2i_distill import (T2I_SFD_CONFIG, T2IOptions, build_t2i_state, load_t2i_generator,  # noqa: E402
+                                  sample_t2i, save_t2i_generator)
+from sfd_fast.t2i_pipeline import load_t2i_pipeline  # noqa: E402
+from sfd_fast.t2i_tiny import build_tiny_pipeline  # noqa: E402
+
+SPEC = ConceptSpec.from_substitution("brad pitt", "a middle aged man", ["a cat", "a red car"],
+                                     templates=("{}", "a photo of {}"))
+SMALL = T2I_SFD_CONFIG.replace(batch_size=2, forget_batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def pipeline_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipelines")
+    return {p: build_tiny_pipeline(root / p, prediction_type=p) for p in ("epsilon", "v_prediction")}
+
+
+@pytest.fixture
+def pipe(pipeline_dirs):
+    return load_t2i_pipeline(pipeline_dirs["epsilon"])
+
+
+def test_load_saved_pipeline_and_cache_prompts(pipe, pipeline_dirs):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.vae, AutoencoderKL)
+    assert isinstance(pipe.text_encoder, CLIPTextModel)
+    emb = pipe.encode_prompts(["a cat", "", "a cat"])
+    assert emb.shape == (3, 16, 32)
+    torch.testing.assert_close(emb[0], emb[2])
+    assert not torch.allclose(emb[0], emb[1])
+    assert set(pipe._cache) == {"a cat", ""}  # each distinct prompt encoded once
+    assert pipe.decode(torch.randn(2, 4, 8, 8)).shape == (2, 3, 16, 16)
+
+
+def test_load_rejects_incomplete_folder(tmp_path, pipeline_dirs):
+    with pytest.raises(CheckpointError, match="model_index.json"):
+        load_t2i_pipeline(tmp_path)
+    import shutil
+
+    broken = shutil.copytree(pipeline_dirs["epsilon"], tmp_path / "broken")
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(CheckpointError, match="vae"):
+        load_t2i_pipeline(broken)
+
+
+def test_sigma_init_matches_sd_t_init(pipe):
+    assert sigma_of_timestep(pipe.scheduler_config, 625) == pytest.approx(2.5, abs=0.01)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("scheduler_name", ["DDPMScheduler", "DDIMScheduler"])
+def test_denoiser_matches_diffusers_scheduler_step(pipeline_dirs, prediction_type, scheduler_name):
+    import diffusers
+
+    pipe = load_t2i_pipeline(pipeline_dirs[prediction_type])
+    scheduler = getattr(diffusers, scheduler_name).from_config(pipe.scheduler_config)
+    if scheduler_name == "DDIMScheduler":
+        scheduler.set_timesteps(1000)
+    denoiser = LatentDenoiser(pipe.unet, pipe.scheduler_config)
+    emb = pipe.encode_prompts(["a cat", "a red car", "a cat"])
+    torch.manual_seed(0)
+    for t in (3, 400, 999):
+        x_ddpm = torch.randn(3, 4, 8, 8)
+        timesteps = torch.full((3,), t)
+        with torch.no_grad():
+            model_out = pipe.unet(x_ddpm, timesteps, encoder_hidden_states=emb).sample
+            expected = scheduler.step(model_out, t, x_ddpm).pred_original_sample
+            abar = scheduler.alphas_cumprod[t]
+            sigma = ((1 - abar) / abar).sqrt()
+            ours = denoiser(x_ddpm / abar.sqrt(), sigma.expand(3), emb)
+        torch.testing.assert_close(ours, expected, atol=2e-4, rtol=1e-4)
+
+
+def test_cfg_equals_hand_combination_with_negative_prompt(pipe):
+    emb = pipe.encode_prompts(["a cat", "a red car"])
+    neg_a, neg_b = pipe.encode_prompts(["nude"]), pipe.encode_prompts(["blurry"])
+    plain = LatentDenoiser(pipe.unet, pipe.scheduler_config)
+    guided = LatentDenoiser(pipe.unet, pipe.scheduler_config, 4.5, neg_a)
+    x, sigma = torch.randn(2, 4, 8, 8), torch.tensor([0.7, 3.0])
+    with torch.no_grad():
+        d_cond = plain(x, sigma, emb)
+        d_neg = plain(x, sigma, neg_a.expand(2, -1, -1))
+        out = guided(x, sigma, emb)
+        other = guided.set_guidance(4.5, neg_b)(x, sigma, emb)
+    torch.testing.assert_close(out, d_neg + 4.5 * (d_cond - d_neg), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(out, other, atol=1e-4)  # the negative prompt is really used
+    with pytest.raises(ValueError, match="negative_embedding"):
+        LatentDenoiser(pipe.unet, pipe.scheduler_config, 2.0)
+
+
+def test_concept_specs():
+    kw = ConceptSpec.from_keywords(["nude", "naked"], ["woman", "man"], ["a cat"])
+    assert ("nude woman", "woman") in zip(kw.forget, kw.override) and len(kw.forget) == 4
+    assert kw.negative_prompt == "nude, naked"
+    assert SPEC.forget == ("brad pitt", "a photo of brad pitt")
+    assert SPEC.override == ("a middle aged man", "a photo of a middle aged man")
+    with pytest.raises(ValueError, match="both forgotten and remaining"):
+        ConceptSpec.from_pairs([("a cat", "a dog")], ["a cat"])
+    with pytest.raises(ValueError, match="placeholder"):
+        ConceptSpec.from_substitution("x", "y", ["a cat"], templates=("no slot",))
+
+
+def test_read_prompts(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# remain\na cat\n\n a red car \n")
+    assert read_prompts(f) == ("a cat", "a red car")
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        read_prompts(tmp_path / "missing.txt")
+
+
+def test_prompt_dropout_only_in_fake_training(pipe):
+    cond = PromptConditions.encode(SPEC, pipe, drop_prob=0.5)
+    rng = torch.Generator().manual_seed(0)
+    c = cond.sample_conditions(64, 64, rng, "cpu")
+    dropped = (c.fake_train == cond.empty).flatten(1).all(1)
+    kept = (c.fake_train == c.generator).flatten(1).all(1)
+    assert 20 < int(dropped.sum()) < 108 and bool((dropped | kept).all())
+    torch.testing.assert_close(c.teacher[:64], c.generator[:64])
+    none = PromptConditions.encode(SPEC, pipe, drop_prob=0.0).sample_conditions(8, 8, rng, "cpu")
+    torch.testing.assert_close(none.fake_train, none.generator)
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before, module):
+    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+@pytest.mark.parametrize("options", [T2IOptions(), T2IOptions(teacher_precision="bf16", compute_precision="bf16",
+                                                              gradient_checkpointing=True)],
+                         ids=["fp32", "bf16+checkpointing"])
+def test_sfd_steps_train_only_fake_and_generator(pipe, options):
+    vae, text = _snapshot(pipe.vae), _snapshot(pipe.text_encoder)
+    state = build_t2i_state(pipe, SPEC, SMALL.replace(lr_gen=1e-4, lr_fake=1e-4), options)
+    teacher, fake, gen = _snapshot(state.teacher), _snapshot(state.fake), _snapshot(state.generator)
+    for _ in range(2):
+        metrics = train_step(state)
+    assert all(bool(torch.isfinite(v)) for v in metrics.values())
+    assert not _changed(teacher, state.teacher)
+    assert not _changed(vae, pipe.vae) and not _changed(text, pipe.text_encoder)
+    assert _changed(fake, state.fake) and _changed(gen, state.generator)
+    assert state.image_shape == (4, 8, 8)
+
+
+def test_forget_prompt_routes_to_override_for_teacher_and_forget_for_fake(pipe):
+    state = build_t2i_state(pipe, SPEC, SMALL, T2IOptions(prompt_drop=0.0))
+    cond = state.forget
+    seen = {"teacher": [], "fake": []}
+
+    def recorder(name):
+        def hook(module, args, kwargs):
+            seen[name].append(kwargs["encoder_hidden_states"].detach().float())
+        return hook
+
+    handles = [state.teacher.unet.register_forward_pre_hook(recorder("teacher"), with_kwargs=True),
+               state.fake.unet.register_forward_pre_hook(recorder("fake"), with_kwargs=True)]
+    train_step(state)
+    for h in handles:
+        h.remove()
+
+    def which(rows, table):
+        """Index into ``table`` (N, L, D) of each row of ``rows`` (B, L, D); -1 if none matches."""
+        match = (rows[:, None] - table[None]).abs().flatten(2).amax(-1) < 1e-5
+        return torch.where(match.any(1), match.float().argmax(1), torch.full((rows.shape[0],), -1))
+
+    # Calls: fake-score step (fake), then generator step (teacher, fake). CFG batches [negative; cond].
+    assert len(seen["teacher"]) == 1 and len(seen["fake"]) == 2
+    n = SMALL.batch_size
+    teacher_cond = seen["teacher"][0].chunk(2)[1]
+    fake_eval_cond = seen["fake"][1].chunk(2)[1]
+    fake_train_cond = seen["fake"][0].chunk(2)[1]
+    assert bool((which(teacher_cond[n:], cond.override) >= 0).all())
+    assert bool((which(teacher_cond[n:], cond.forget) < 0).all())
+    for rows in (fake_eval_cond, fake_train_cond):
+        assert bool((which(rows[n:], cond.forget) >= 0).all())
+    assert bool((which(teacher_cond[:n], cond.remain) >= 0).all())
+    # Same forget sample -> its own override: the pairing is kept row by row.
+    torch.testing.assert_close(which(teacher_cond[n:], cond.override), which(fake_eval_cond[n:], cond.forget))
+    # The unconditional branch sees the negative prompt's embedding.
+    torch.testing.assert_close(seen["teacher"][0].chunk(2)[0], cond.negative.expand(n + SMALL.forget_batch_size, -1, -1))
+
+
+def test_save_load_and_sample_generator(pipe, pipeline_dirs, tmp_path):
+    state = build_t2i_state(pipe, SPEC, SMALL)
+    train_step(state)
+    out = save_t2i_generator(state.generator, pipeline_dirs["epsilon"], tmp_path / "gen")
+    generator, loaded_pipe = load_t2i_generator(out)
+    emb = pipe.encode_prompts(["a cat", "brad pitt"])
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(generator(z, emb), state.generator(z, emb), atol=1e-5, rtol=1e-5)
+    images = sample_t2i(generator, loaded_pipe, ["a cat", "brad pitt"], seed=1)
+    assert images.shape == (2, 3, 16, 16) and bool(images.abs().le(1).all())
+    with pytest.raises(CheckpointError, match="not a text-to-image one-step generator"):
+        load_t2i_generator(pipeline_dirs["epsilon"])
+
+
+def test_cli_distill_pipeline_then_sample(pipeline_dirs, tmp_path, capsys):
+    from PIL import Image
+
+    from sfd_fast.cli import main
+
+    out = tmp_path / "run"
+    code = main(["distill", "--pipeline", str(pipeline_dirs["epsilon"]), "--out", str(out), "--forget", "brad pitt",
+                 "--override", "a middle aged man", "--steps", "1", "--set", "batch_size=1",
+                 "--set", "forget_batch_size=1", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    png = tmp_path / "s.png"
+    assert main(["sample", "--generator", str(out / "generator"), "--prompt", "brad pitt", "--prompt", "a cat",
+                 "--num", "2", "--out", str(png)]) == 0
+    side = 2 * (2 * (16 + 1) + 1)  # 2x2 grid of 16x16 images, 1-pixel gaps, upscaled x2
+    assert Image.open(png).size == (side, side)
+    assert "NFE 1" in capsys.readouterr().out
+
+
+def test_cli_unpaired_forget_is_a_clear_error(pipeline_dirs, tmp_path, capsys):
+    from sfd_fast.cli import main
+
+    code = main(["distill", "--pipeline", str(pipeline_dirs["epsilon"]), "--out", str(tmp_path / "o"),
+                 "--forget", "brad pitt", "--steps", "1", "--no-progress"])
+    assert code == 2
+    assert "must be given in pairs" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_t2i_cli_help_documents_every_option(capsys):
+    from sfd_fast.cli import main
+    from sfd_fast.t2i_cli import build_distill_parser
+
+    with pytest.raises(SystemExit) as exc:
+        main(["distill", "--pipeline", "x", "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for action in build_distill_parser()._actions:
+        assert action.help and all(flag in text for flag in action.option_strings)
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    assert "--prompt" in capsys.readouterr().out
