@@ -73,6 +73,13 @@ class FinetuneUnlearner:
         self.model = copy.deepcopy(teacher).train().requires_grad_(config.method != "advunlearn")
         table = self.model.unet.class_embedding.weight
         table.requires_grad_(True)
+        if config.method == "advunlearn":
+            # Only the forget rows defend. The retain rows equal the original's, so their retain-loss
+            # gradient is 0 up to float noise (~1e-12 with multi-threaded reductions) that Adam
+            # would blow up to lr-sized steps: mask it to an exact zero.
+            rows = torch.zeros(table.shape[0], 1, device=table.device)
+            rows[list(spec.forget)] = 1.0
+            table.register_hook(lambda grad: grad * rows)
         params = [table] if config.method == "advunlearn" else list(self.model.parameters())
         self.opt = torch.optim.Adam(params, lr=config.lr)
         self.device = table.device

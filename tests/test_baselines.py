@@ -69,7 +69,7 @@ def test_finetune_baselines_take_finite_steps(tiny_teacher, method):
     # The copy equals the original at step 0, so the retain term only shows from the second step on;
     # for advunlearn it stays 0: table rows are independent, the remaining rows never move.
     assert abs(float(metrics["loss_retain"])) < 1e-9  # bit-exact only single-threaded (reduction order)
-    assert (float(run.step()["loss_retain"]) > 0.0) == (method == "retain_distill")
+    assert (float(run.step()["loss_retain"]) > 1e-6) == (method == "retain_distill")  # else float noise only
 
 
 def test_esd_null_is_the_mean_of_the_class_conditional_denoisers(tiny_teacher):
