@@ -106,7 +106,7 @@ class SFDConfig:
     # --- reproducibility --------------------------------------------------------------
     seed: int = 0                           # seeds the state's own torch.Generator
     # --- fault handling (sfd_fast.faults) ----------------------------------------------
-    nonfinite_policy: str = "skip"          # non-finite loss/grad: "skip" the update (counted) or "raise"
+    nonfinite_policy: str = "skip"          # non-finite loss/grad: "skip" the update (counted), "raise", or "sanitize" (reference code: nan_to_num grads, step anyway)
     max_consecutive_nonfinite: int = 50     # stop the run after this many skipped updates in a row; 0 = never
 
     def __post_init__(self) -> None:
@@ -133,8 +133,8 @@ class SFDConfig:
                f"sigma_min {self.sigma_min} must be below sigma_max {self.sigma_max}")
         _check(0 < self.t_max <= 1000, f"t_max must be in (0, 1000], got {self.t_max}")
         _check(all(0 <= b < 1 for b in self.adam_betas), f"adam_betas must be in [0, 1), got {self.adam_betas}")
-        _check(self.nonfinite_policy in ("skip", "raise"),
-               f"nonfinite_policy must be 'skip' or 'raise', got {self.nonfinite_policy!r}")
+        _check(self.nonfinite_policy in ("skip", "raise", "sanitize"),
+               f"nonfinite_policy must be 'skip', 'raise' or 'sanitize', got {self.nonfinite_policy!r}")
         _check(self.max_consecutive_nonfinite >= 0,
                f"max_consecutive_nonfinite must be >= 0 (0 = never stop), got {self.max_consecutive_nonfinite}")
         if self.grad_clip_value is not None:

@@ -90,6 +90,9 @@ def guarded_step(state, name: str, optimizer: torch.optim.Optimizer, finite: tor
     """``optimizer.step()`` if ``finite`` else a no-op, per ``state.config.nonfinite_policy``.
 
     Returns metrics (0-d tensors): ``skipped_<name>`` (total so far) and ``nonfinite_streak``.
+    Policy "sanitize" is the reference code's behaviour: the gradients were already passed
+    through nan_to_num, so the update is applied anyway; the counters then count the
+    non-finite updates that were applied rather than skipped.
     """
     if name not in OPTIMIZER_NAMES:
         raise ValueError(f"unknown optimizer name {name!r}; allowed: {OPTIMIZER_NAMES}")
@@ -98,7 +101,9 @@ def guarded_step(state, name: str, optimizer: torch.optim.Optimizer, finite: tor
     if policy == "raise" and not bool(finite):  # the requested sync
         raise NonFiniteError(f"non-finite {name} loss or gradient at step {state.step} "
                              "(nonfinite_policy='raise'; use 'skip' to skip and count such steps)")
-    if getattr(optimizer, "defaults", {}).get("fused"):
+    if policy == "sanitize":
+        optimizer.step()
+    elif getattr(optimizer, "defaults", {}).get("fused"):
         optimizer.found_inf = (~finite).float()
         try:
             optimizer.step()

@@ -96,8 +96,28 @@ def test_nan_sample_does_not_poison_the_update(tiny_teacher):
         return out
 
     state.teacher.forward = nan_on_first_sample
+    before = _params(state.generator)
     metrics = generator_step(state, cond, dispatch.REFERENCE)
     assert metrics["nonfinite_gen"] == 1 and torch.isfinite(metrics["loss_gen"])
+    assert all(torch.isfinite(p).all() for p in state.generator.parameters())
+    assert not _changed(before, state.generator) and metrics["skipped_gen"] == 1
+
+
+def test_sanitize_policy_steps_like_the_reference_code(tiny_teacher):
+    """nonfinite_policy="sanitize": mask the NaN sample, nan_to_num the gradients, update anyway."""
+    state = SFDState.create(CONFIG.replace(nonfinite_policy="sanitize"), tiny_teacher)
+    cond = state.forget.sample_conditions(4, 2, state.rng, "cpu")
+    original = state.teacher.forward
+
+    def nan_on_first_sample(x, sigma, c):
+        out = original(x, sigma, c).clone()
+        out[0] = float("nan")
+        return out
+
+    state.teacher.forward = nan_on_first_sample
+    before = _params(state.generator)
+    metrics = generator_step(state, cond, dispatch.REFERENCE)
+    assert metrics["nonfinite_gen"] == 1 and _changed(before, state.generator)
     assert all(torch.isfinite(p).all() for p in state.generator.parameters())
 
 
