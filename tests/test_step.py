@@ -83,11 +83,7 @@ def test_random_override_draws_remaining_classes(tiny_teacher):
     assert not torch.isin(override, torch.tensor([0, 1])).any() and len(override.unique()) > 3
 
 
-def test_nan_sample_does_not_poison_the_update(tiny_teacher):
-    """A NaN sample is masked from the loss and counted; the NaN it leaves in the gradients makes
-    the update a counted no-op (nonfinite_policy="skip"), so no weight ever turns NaN."""
-    state = SFDState.create(CONFIG, tiny_teacher)
-    cond = state.forget.sample_conditions(4, 2, state.rng, "cpu")
+def _teacher_returns_nan_on_first_sample(state):
     original = state.teacher.forward
 
     def nan_on_first_sample(x, sigma, c):
@@ -96,6 +92,14 @@ def test_nan_sample_does_not_poison_the_update(tiny_teacher):
         return out
 
     state.teacher.forward = nan_on_first_sample
+
+
+def test_nan_sample_does_not_poison_the_update(tiny_teacher):
+    """A NaN sample is masked from the loss and counted; the NaN it leaves in the gradients makes
+    the update a counted no-op (nonfinite_policy="skip"), so no weight ever turns NaN."""
+    state = SFDState.create(CONFIG, tiny_teacher)
+    cond = state.forget.sample_conditions(4, 2, state.rng, "cpu")
+    _teacher_returns_nan_on_first_sample(state)
     before = _params(state.generator)
     metrics = generator_step(state, cond, dispatch.REFERENCE)
     assert metrics["nonfinite_gen"] == 1 and torch.isfinite(metrics["loss_gen"])
@@ -107,14 +111,7 @@ def test_sanitize_policy_steps_like_the_reference_code(tiny_teacher):
     """nonfinite_policy="sanitize": mask the NaN sample, nan_to_num the gradients, update anyway."""
     state = SFDState.create(CONFIG.replace(nonfinite_policy="sanitize"), tiny_teacher)
     cond = state.forget.sample_conditions(4, 2, state.rng, "cpu")
-    original = state.teacher.forward
-
-    def nan_on_first_sample(x, sigma, c):
-        out = original(x, sigma, c).clone()
-        out[0] = float("nan")
-        return out
-
-    state.teacher.forward = nan_on_first_sample
+    _teacher_returns_nan_on_first_sample(state)
     before = _params(state.generator)
     metrics = generator_step(state, cond, dispatch.REFERENCE)
     assert metrics["nonfinite_gen"] == 1 and _changed(before, state.generator)
