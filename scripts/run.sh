@@ -31,4 +31,4 @@ cd "$root"
 if [ "$what" = demo ]; then
   exec "$venv/bin/sfd-fast" demo "$@"
 fi
-exec "$venv/bin/python" -m pytest -q "$@"
+exec "$venv/bin/python" -m pytest -q --durations=12 "$@"
