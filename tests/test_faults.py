@@ -74,5 +74,5 @@ def test_a_run_that_keeps_failing_stops(tiny_teacher):
 
 
 def test_bad_policy_is_refused():
-    with pytest.raises(ValueError, match="nonfinite_policy must be 'skip' or 'raise', got 'ignore'"):
+    with pytest.raises(ValueError, match="nonfinite_policy must be 'skip', 'raise' or 'sanitize', got 'ignore'"):
         SFDConfig(nonfinite_policy="ignore")
