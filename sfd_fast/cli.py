@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import SFD_PRESETS, UNET_PRESETS, SFDConfig, UNetConfig
+from .config import SFD_PRESETS, UNET_PRESETS, SFDConfig, UNetConfig, parse_overrides
 
 
 def _classes(text: str) -> tuple[int, ...]:
@@ -234,11 +234,7 @@ def _sfd_config(args) -> SFDConfig:
     config = SFDConfig.from_name(args.preset).to_dict()
     if args.config is not None:
         config.update(json.loads(args.config.read_text()))
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
-        config[key] = json.loads(value)
+    config.update(parse_overrides(args.set))
     config.update(forget_classes=args.forget, override_classes=args.override, seed=args.seed)
     return SFDConfig.from_dict(config)
 

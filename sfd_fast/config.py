@@ -175,6 +175,24 @@ SFD_PRESETS: dict[str, SFDConfig] = {
 }
 
 
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr_gen=1e-4", "override_classes=null"]`` -> ``{"lr_gen": 0.0001, "override_classes": None}``.
+
+    Values are JSON; the CLI's repeatable ``--set FIELD=VALUE`` goes through here.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"--set {key}: value {value!r} is not JSON (numbers as 1e-4, strings quoted, "
+                             "lists as [0,1], null for None)") from None
+    return out
+
+
 def field_docs(cls: type) -> dict[str, str]:
     """One-line comment of each dataclass field, read from the source (used by ``--help``)."""
     import inspect
@@ -189,4 +207,4 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-__all__ = ["UNetConfig", "UNET_PRESETS", "SFDConfig", "SFD_PRESETS", "field_docs"]
+__all__ = ["UNetConfig", "UNET_PRESETS", "SFDConfig", "SFD_PRESETS", "parse_overrides", "field_docs"]

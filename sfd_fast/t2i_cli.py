@@ -89,7 +89,7 @@ def _distill(args) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from .config import SFDConfig
+    from .config import SFDConfig, parse_overrides
     from .evaluate import write_json
     from .step import train_step
     from .t2i_distill import T2I_SFD_CONFIG, T2IOptions, build_t2i_state, save_t2i_generator
@@ -98,11 +98,7 @@ def _distill(args) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     config = T2I_SFD_CONFIG.to_dict()
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
-        config[key] = json.loads(value)
+    config.update(parse_overrides(args.set))
     config = SFDConfig.from_dict({**config, "seed": args.seed})
     options = T2IOptions(args.guidance_scale, args.generator_guidance_scale, args.prompt_drop,
                          args.teacher_precision, args.compute_precision, args.gradient_checkpointing)

@@ -60,3 +60,13 @@ def test_distill_and_evaluate_end_to_end_on_tiny(tmp_path, tiny_teacher):
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert set(metrics) >= {"forget_accuracy", "override_rate", "remain_accuracy", "nfe"} and metrics["nfe"] == 1
     assert (tmp_path / "eval" / "samples.png").stat().st_size > 0
+
+
+def test_set_overrides_parse_json_and_name_bad_values():
+    from sfd_fast.config import parse_overrides
+
+    assert parse_overrides(["lr_gen=1e-4", "override_classes=null"]) == {"lr_gen": 1e-4, "override_classes": None}
+    with pytest.raises(ValueError, match="--set lr_gen: value 'fast' is not JSON"):
+        parse_overrides(["lr_gen=fast"])
+    with pytest.raises(ValueError, match="--set expects FIELD=VALUE"):
+        parse_overrides(["lr_gen"])
