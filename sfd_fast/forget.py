@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+
+
+@functools.lru_cache(maxsize=64)
+def _label_table(labels: tuple[int, ...], device: str) -> torch.Tensor:
+    """Class lists as device tensors, made once: no host-to-device copy inside the step."""
+    return torch.tensor(labels, device=device)
 
 
 @dataclass(frozen=True)
@@ -53,15 +60,14 @@ class ForgetSpec:
     def sample(self, n_remain: int, n_forget: int, generator: torch.Generator | None,
                device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(remain labels (n_remain,), forget labels (n_forget,), their override labels (n_forget,))."""
-        remain = torch.tensor(self.remain, device=device)
-        forget = torch.tensor(self.forget, device=device)
+        remain, forget = _label_table(self.remain, str(device)), _label_table(self.forget, str(device))
         labels_r = remain[torch.randint(len(self.remain), (n_remain,), generator=generator, device=device)]
         pick = torch.randint(len(self.forget), (n_forget,), generator=generator, device=device)
         labels_f = forget[pick]
         if self.override is None:
             labels_o = remain[torch.randint(len(self.remain), (n_forget,), generator=generator, device=device)]
         else:
-            labels_o = torch.tensor(self.override, device=device)[pick]
+            labels_o = _label_table(self.override, str(device))[pick]
         return labels_r, labels_f, labels_o
 
     def sample_conditions(self, n_remain: int, n_forget: int, generator: torch.Generator | None,

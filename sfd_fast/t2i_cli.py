@@ -7,7 +7,6 @@ Only parses arguments and builds configs; ``cli.main`` routes here when ``distil
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
