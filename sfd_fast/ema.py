@@ -19,10 +19,14 @@ def ema_beta(halflife_kimg: float, rampup_ratio: float | None, images_seen: int,
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
-    """ema <- beta * ema + (1 - beta) * model, for parameters; buffers are copied."""
+def update_ema(ema: nn.Module, model: nn.Module, beta: float, params: list[torch.Tensor] | None = None) -> None:
+    """ema <- beta * ema + (1 - beta) * model, for parameters; buffers are copied.
+
+    ``params``: the model's parameter values to average, when they are kept elsewhere at higher
+    precision than the module's own (``master_weights.full_precision_params``).
+    """
     ema_params = [p for p in ema.parameters()]
-    params = [p.detach() for p in model.parameters()]
+    params = [p.detach() for p in (model.parameters() if params is None else params)]
     torch._foreach_lerp_(ema_params, params, 1.0 - beta)
     for b_ema, b in zip(ema.buffers(), model.buffers()):
         b_ema.copy_(b)

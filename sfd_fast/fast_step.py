@@ -26,6 +26,7 @@ from torch import nn
 from . import dispatch, faults
 from .forget import Conditions
 from .losses import edm_loss_weight, edm_training_sigma, sfd_sample_weights, sid_training_sigma
+from .master_weights import full_precision_params
 from .state import SFDState
 from .step import frozen, sanitize_grads
 from .step_options import StepOptions
@@ -220,7 +221,7 @@ def _ema_update(state: SFDState, images_seen: torch.Tensor, batch_images: int) -
     beta = 0.5 ** (batch_images / halflife.clamp_min(1e-8))
     with torch.no_grad():
         ema_params = list(state.generator_ema.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in state.generator.parameters()], (1 - beta).float())
+        torch._foreach_lerp_(ema_params, full_precision_params(state.generator, state.opt_gen), (1 - beta).float())
         for b_ema, b in zip(state.generator_ema.buffers(), state.generator.buffers()):
             b_ema.copy_(b)
 

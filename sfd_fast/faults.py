@@ -135,6 +135,11 @@ def _masked_step(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None
                     # Lazily created state was zero before the first step (Adam's init).
                     old = before.get(k, torch.zeros_like(v))
                     v.copy_(torch.where(finite.to(v.device), v, old))
+    # Optimizers over fp32 master copies (master_weights.MasterWeightAdam) hold the masters in
+    # param_groups: re-round the restored masters into the module's low-precision weights.
+    sync = getattr(optimizer, "copy_masters_to_model", None)
+    if sync is not None:
+        sync()
 
 
 def check_health(state, max_consecutive: int | None = None) -> None:

@@ -15,6 +15,7 @@ from . import dispatch, faults
 from .ema import ema_beta, update_ema
 from .forget import Conditions
 from .losses import edm_loss_weight, edm_training_sigma, sfd_sample_weights, sid_training_sigma
+from .master_weights import full_precision_params
 from .state import SFDState
 
 
@@ -79,15 +80,16 @@ def generator_step(state: SFDState, cond: Conditions, loss_fns: dispatch.LossFun
     sigma = sid_training_sigma(n, cfg.t_max, cfg.sigma_min, cfg.sigma_max, cfg.rho,
                                generator=state.rng, device=state.device)
     x_t = x_g + sigma.view(-1, 1, 1, 1) * _noise(state, n)
+    weight = sfd_sample_weights(cfg.batch_size, cfg.forget_batch_size, cfg.lambda_g, cfg.gen_loss_scale,
+                                device=state.device)
+    # Frozen through backward too: a gradient-checkpointed fake score recomputes its forward there.
     with frozen(state.fake):
         y_real = state.teacher(x_t, sigma, cond.teacher)
         y_fake = state.fake(x_t, sigma, cond.generator)
-    weight = sfd_sample_weights(cfg.batch_size, cfg.forget_batch_size, cfg.lambda_g, cfg.gen_loss_scale,
-                                device=state.device)
-    loss, per_sample = loss_fns.sid_generator_loss(x_g, y_real, y_fake, weight, alpha=cfg.alpha,
-                                                   omega_min=cfg.omega_min)
-    state.opt_gen.zero_grad(set_to_none=True)
-    loss.backward()
+        loss, per_sample = loss_fns.sid_generator_loss(x_g, y_real, y_fake, weight, alpha=cfg.alpha,
+                                                       omega_min=cfg.omega_min)
+        state.opt_gen.zero_grad(set_to_none=True)
+        loss.backward()
     update_ok = faults.check_finite(loss, state.generator.parameters())
     sanitize_grads(state.generator.parameters(), cfg.grad_clip_value)
     skipped = faults.guarded_step(state, "gen", state.opt_gen, update_ok)
@@ -136,5 +138,6 @@ def train_step(state: SFDState, backend: str | None = None, options=None) -> dic
     state.images_seen += batch_images
     state.step += 1
     update_ema(state.generator_ema, state.generator,
-               ema_beta(cfg.ema_halflife_kimg, cfg.ema_rampup_ratio, state.images_seen, batch_images))
+               ema_beta(cfg.ema_halflife_kimg, cfg.ema_rampup_ratio, state.images_seen, batch_images),
+               full_precision_params(state.generator, state.opt_gen))
     return metrics
