@@ -15,6 +15,8 @@ DEFAULT_REMAIN = ("a photo of a cat", "a landscape painting", "a red car on a st
 
 
 def build_distill_parser() -> argparse.ArgumentParser:
+    from .step_options import STEP_PRESETS
+
     p = argparse.ArgumentParser(prog="sfd-fast distill --pipeline", description=(
         "Text-to-image SFD: distil a local Stable-Diffusion-style pipeline folder into a one-step generator "
         "that maps each --forget concept to its --override. Modes: substitution over prompt templates "
@@ -36,8 +38,14 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-drop", type=float, default=0.1, help="fake-score prompt dropout to '' (default: 0.1)")
     p.add_argument("--teacher-precision", choices=["fp32", "bf16"], default="fp32", help="teacher weight dtype")
     p.add_argument("--compute-precision", choices=["fp32", "bf16"], default="fp32",
-                   help="bf16: autocast of fake score and generator (fp32 master weights)")
-    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute G/teacher activations")
+                   help="bf16: autocast of fake score and generator (weights stay as stored)")
+    p.add_argument("--trained-precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: fake score and generator weights stored in bf16, Adam on fp32 master copies")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute UNet activations of generator, teacher and fake score in backward")
+    p.add_argument("--step-options", choices=sorted(STEP_PRESETS), default="reference",
+                   help="how train_step runs (speed, not math): reference eager, fused (same numbers), "
+                        "bf16 (fused + autocast), fast (everything the device allows); see docs/fast_step.md")
     p.add_argument("--steps", type=int, default=100, help="SFD iterations (default: 100)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one SFDConfig field (JSON value) of the text-to-image preset; repeatable")
@@ -99,21 +107,23 @@ def _distill(args) -> int:
     config = T2I_SFD_CONFIG.to_dict()
     config.update(parse_overrides(args.set))
     config = SFDConfig.from_dict({**config, "seed": args.seed})
-    options = T2IOptions(args.guidance_scale, args.generator_guidance_scale, args.prompt_drop,
-                         args.teacher_precision, args.compute_precision, args.gradient_checkpointing)
+    options = T2IOptions(guidance_scale=args.guidance_scale, generator_guidance_scale=args.generator_guidance_scale,
+                         prompt_drop=args.prompt_drop, teacher_precision=args.teacher_precision,
+                         compute_precision=args.compute_precision, trained_precision=args.trained_precision,
+                         gradient_checkpointing=args.gradient_checkpointing)
     spec = _concepts(args)
     torch.manual_seed(args.seed)
     pipeline = load_t2i_pipeline(args.pipeline, args.device)
     state = build_t2i_state(pipeline, spec, config, options, args.device)
     log, start = [], time.perf_counter()
     for i in tqdm(range(args.steps), desc="sfd-t2i", disable=args.no_progress):
-        metrics = train_step(state)
+        metrics = train_step(state, options=args.step_options)
         if (i + 1) % args.log_every == 0 or i + 1 == args.steps:
             log.append({"step": state.step, "seconds": time.perf_counter() - start,
                         **{k: float(v) for k, v in metrics.items()}})
     args.out.mkdir(parents=True, exist_ok=True)
     save_t2i_generator(state.generator_ema, args.pipeline, args.out / "generator", spec.negative_prompt)
-    write_json({"sfd": config.to_dict(), "t2i": vars(options), "forget": list(spec.forget),
+    write_json({"sfd": config.to_dict(), "t2i": vars(options), "step_options": args.step_options, "forget": list(spec.forget),
                 "override": list(spec.override), "remain": list(spec.remain),
                 "negative_prompt": spec.negative_prompt}, args.out / "config.json")
     write_json({"log": log}, args.out / "train_log.json")

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .config import SFDConfig
+from .master_weights import use_master_weights
 from .networks import CheckpointError, OneStepGenerator, _replace_dir
 from .state import SFDState
 from .t2i_concepts import ConceptSpec, PromptConditions
@@ -41,11 +42,12 @@ class T2IOptions:
     generator_guidance_scale: float = 1.0  # CFG of G itself; 1 = one UNet call per sample
     prompt_drop: float = 0.1               # share of fake-score training prompts dropped to ""
     teacher_precision: str = "fp32"        # "bf16": frozen teacher weights stored in bf16 (half the memory)
-    compute_precision: str = "fp32"        # "bf16": autocast of fake score and G; fp32 master weights
-    gradient_checkpointing: bool = False   # recompute UNet activations of G and teacher in backward
+    compute_precision: str = "fp32"        # "bf16": autocast of fake score and G (weights stay as stored)
+    trained_precision: str = "fp32"        # "bf16": fake score and G weights stored in bf16, Adam on fp32 masters
+    gradient_checkpointing: bool = False   # recompute UNet activations of G, teacher and fake score in backward
 
     def __post_init__(self) -> None:
-        for name in ("teacher_precision", "compute_precision"):
+        for name in ("teacher_precision", "compute_precision", "trained_precision"):
             if getattr(self, name) not in PRECISIONS:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; choose one of {PRECISIONS}")
         if self.guidance_scale < 1 or self.generator_guidance_scale < 1:
@@ -67,12 +69,15 @@ def build_t2i_state(pipeline: T2IPipeline, spec: ConceptSpec, config: SFDConfig 
     bf16 = torch.bfloat16
     if options.teacher_precision == "bf16":
         state.teacher.unet.to(bf16)  # frozen and optimizer-free: no fp32 copy is needed
+    if options.trained_precision == "bf16":
+        # UNet weights only: the denoisers' sigma tables (buffers) stay fp32. The EMA stays fp32
+        # and averages the masters.
+        state.opt_fake = use_master_weights(state.fake.unet, state.opt_fake, bf16)
+        state.opt_gen = use_master_weights(state.generator.denoiser.unet, state.opt_gen, bf16)
     for net in (state.fake, state.generator.denoiser):
         net.compute_dtype = bf16 if options.compute_precision == "bf16" else None
     if options.gradient_checkpointing:
-        # Not the fake score: train_step freezes it (requires_grad off) only around its forward in
-        # the generator step, so a recompute in backward would see different autograd metadata.
-        for net in (state.generator.denoiser, state.teacher):
+        for net in (state.generator.denoiser, state.teacher, state.fake):
             net.unet.enable_gradient_checkpointing()
     for g in (state.generator.denoiser, state.generator_ema.denoiser):
         g.set_guidance(options.generator_guidance_scale)

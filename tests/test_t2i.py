@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -143,8 +145,9 @@ def _changed(before, module):
 
 
 @pytest.mark.parametrize("options", [T2IOptions(), T2IOptions(teacher_precision="bf16", compute_precision="bf16",
-                                                              gradient_checkpointing=True)],
-                         ids=["fp32", "bf16+checkpointing"])
+                                                              gradient_checkpointing=True),
+                                     T2IOptions(teacher_precision="bf16", trained_precision="bf16")],
+                         ids=["fp32", "bf16-autocast+checkpointing", "bf16-weights+masters"])
 def test_sfd_steps_train_only_fake_and_generator(pipe, options):
     vae, text = _snapshot(pipe.vae), _snapshot(pipe.text_encoder)
     state = build_t2i_state(pipe, SPEC, SMALL.replace(lr_gen=1e-4, lr_fake=1e-4), options)
@@ -156,6 +159,61 @@ def test_sfd_steps_train_only_fake_and_generator(pipe, options):
     assert not _changed(vae, pipe.vae) and not _changed(text, pipe.text_encoder)
     assert _changed(fake, state.fake) and _changed(gen, state.generator)
     assert state.image_shape == (4, 8, 8)
+
+
+def _run(pipeline_dir, options=T2IOptions(), step_options=None, steps=2):
+    state = build_t2i_state(load_t2i_pipeline(pipeline_dir), SPEC, SMALL.replace(lr_gen=1e-4, lr_fake=1e-4), options)
+    metrics = [train_step(state, options=step_options) for _ in range(steps)]
+    return state, metrics
+
+
+def _same_run(a, b, exact=True):
+    (state_a, metrics_a), (state_b, metrics_b) = a, b
+    for ma, mb in zip(metrics_a, metrics_b):
+        for key in ma:
+            torch.testing.assert_close(ma[key], mb[key], rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6,
+                                       msg=lambda m: f"{key}: {m}")
+    for mod in ("fake", "generator", "generator_ema"):
+        for (name, p), q in zip(getattr(state_a, mod).named_parameters(), getattr(state_b, mod).parameters()):
+            torch.testing.assert_close(p, q, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-6,
+                                       msg=lambda m: f"{mod}.{name}: {m}")
+
+
+def test_fused_path_on_text_conditions_equals_reference(pipeline_dirs):
+    """The fast path (input-only backward, up-front noise) is the same SFD step for prompts."""
+    reference = _run(pipeline_dirs["epsilon"])
+    _same_run(reference, _run(pipeline_dirs["epsilon"], step_options="fused"))
+    state, metrics = _run(pipeline_dirs["epsilon"], step_options="bf16")  # autocast: runs, finite
+    assert all(bool(torch.isfinite(v.float())) for m in metrics for v in m.values())
+
+
+def test_gradient_checkpointing_of_all_three_unets_matches_plain_backward(pipeline_dirs):
+    state, _ = _run(pipeline_dirs["epsilon"], T2IOptions(gradient_checkpointing=True), steps=0)
+    assert all(net.unet.is_gradient_checkpointing for net in (state.teacher, state.fake, state.generator.denoiser))
+    plain = _run(pipeline_dirs["epsilon"])
+    _same_run(plain, _run(pipeline_dirs["epsilon"], T2IOptions(gradient_checkpointing=True)), exact=False)
+    _same_run(plain, _run(pipeline_dirs["epsilon"], T2IOptions(gradient_checkpointing=True), "fused"), exact=False)
+
+
+def test_bf16_trained_weights_keep_fp32_masters_ema_and_resume(pipeline_dirs, tmp_path):
+    from sfd_fast.checkpoint import load_checkpoint, save_checkpoint
+    from sfd_fast.master_weights import MasterWeightAdam
+
+    options = T2IOptions(trained_precision="bf16")
+    state, _ = _run(pipeline_dirs["epsilon"], options, steps=1)
+    for net, opt in ((state.fake, state.opt_fake), (state.generator.denoiser, state.opt_gen)):
+        assert isinstance(opt, MasterWeightAdam) and net.unet.dtype == torch.bfloat16
+        assert net.log_sigmas.dtype == torch.float32  # the sigma -> timestep table keeps its precision
+        for p, m in zip(net.unet.parameters(), opt.master_params):
+            assert m.dtype == torch.float32 and torch.equal(p, m.to(torch.bfloat16))
+    assert all(p.dtype == torch.float32 for p in state.generator_ema.parameters())
+    path = save_checkpoint(state, tmp_path)
+    straight = [train_step(state) for _ in range(2)]
+    resumed, _ = _run(pipeline_dirs["epsilon"], options, steps=0)
+    load_checkpoint(path, resumed)
+    _same_run((state, straight), (resumed, [train_step(resumed) for _ in range(2)]))
+    for a, b in zip(state.opt_gen.master_params, resumed.opt_gen.master_params):
+        assert torch.equal(a, b)
 
 
 def test_forget_prompt_routes_to_override_for_teacher_and_forget_for_fake(pipe):
@@ -219,8 +277,11 @@ def test_cli_distill_pipeline_then_sample(pipeline_dirs, tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["distill", "--pipeline", str(pipeline_dirs["epsilon"]), "--out", str(out), "--forget", "brad pitt",
                  "--override", "a middle aged man", "--steps", "1", "--set", "batch_size=1",
-                 "--set", "forget_batch_size=1", "--no-progress"])
+                 "--set", "forget_batch_size=1", "--no-progress", "--step-options", "fused",
+                 "--trained-precision", "bf16", "--gradient-checkpointing"])
     assert code == 0, capsys.readouterr().err
+    written = json.loads((out / "config.json").read_text())
+    assert written["step_options"] == "fused" and written["t2i"]["trained_precision"] == "bf16"
     png = tmp_path / "s.png"
     assert main(["sample", "--generator", str(out / "generator"), "--prompt", "brad pitt", "--prompt", "a cat",
                  "--num", "2", "--out", str(png)]) == 0
