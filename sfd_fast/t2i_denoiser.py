@@ -96,7 +96,8 @@ class LatentDenoiser(nn.Module):
             negative = self.negative_embedding.to(dtype).expand(c.shape[0], -1, -1)
             both = self.unet(torch.cat([x_in, x_in]).to(dtype), torch.cat([t, t]),
                              encoder_hidden_states=torch.cat([negative, c.to(dtype)])).sample.float()
-        uncond, cond = both.chunk(2)
+        # Slices, not chunk(2): torch.export cannot prove chunk's size guard for a symbolic batch.
+        uncond, cond = both[:x_in.shape[0]], both[x_in.shape[0]:]
         return uncond + self.guidance_scale * (cond - uncond)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

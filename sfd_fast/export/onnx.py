@@ -45,7 +45,10 @@ def _export(generator, args, path: Path, exporter: str, opset: int, external_dat
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
-            batch = torch.export.Dim("batch", min=1, max=65536)
+            # AUTO, not Dim("batch", min, max): diffusers branches on the batch size (Upsample2D's
+            # `shape[0] >= 64` contiguous()), which a declared range cannot satisfy; AUTO keeps the
+            # batch symbolic, and that branch is a no-op in ONNX. Checked at several batches below.
+            batch = torch.export.Dim.AUTO
             torch.onnx.export(generator, args, str(path), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
                               dynamic_shapes={"z": {0: batch}, "c": {0: batch}}, opset_version=opset,
                               dynamo=True, external_data=external_data, verbose=False)
