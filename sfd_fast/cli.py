@@ -207,8 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     # --- export / serve (issue 5) ---
     p = sub.add_parser("export", help="export a generator checkpoint to ONNX (and a TensorRT engine)",
                        description="Export a generator directory written by save_generator / `sfd-fast distill` to "
-                                   "ONNX, verified in onnxruntime; with --engine also build a TensorRT engine.")
-    p.add_argument("--generator", type=Path, required=True, help="generator directory")
+                                   "ONNX, verified in onnxruntime; with --engine also build a TensorRT engine. "
+                                   "A text-to-image generator folder (`distill --pipeline`) exports G(z, text "
+                                   "embeddings) -> latents; encode prompts and decode latents with its pipeline.")
+    p.add_argument("--generator", type=Path, required=True,
+                   help="generator directory (class-conditional, or a text-to-image generator folder)")
     p.add_argument("--out", type=Path, required=True, help="output .onnx path")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     p.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"],
@@ -263,8 +266,14 @@ def _run(args, progress: bool) -> int:
     if args.command == "export":
         from .export import build_engine, to_onnx
         from .networks import load_generator
+        from .t2i_distill import is_t2i_generator, load_t2i_generator
 
-        result = to_onnx(load_generator(args.generator), args.out, opset=args.opset, exporter=args.exporter)
+        if is_t2i_generator(args.generator):  # input "cond": prompt embeddings (B, L, D), output: latents
+            generator, pipeline = load_t2i_generator(args.generator)
+            cond = pipeline.encode_prompts(["a photo of a cat", ""])
+        else:
+            generator, cond = load_generator(args.generator), None
+        result = to_onnx(generator, args.out, cond=cond, opset=args.opset, exporter=args.exporter)
         print(f"wrote {result.path} (exporter {result.exporter}, opset {result.opset}, "
               f"max abs error vs PyTorch {result.max_abs_error:.2e})")
         if args.engine is not None:

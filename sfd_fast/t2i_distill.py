@@ -109,11 +109,22 @@ def save_t2i_generator(generator: OneStepGenerator, pipeline_dir: str | os.PathL
     return out
 
 
+def _generator_meta(path: str | os.PathLike) -> dict:
+    try:
+        return json.loads((Path(path) / GENERATOR_META).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def is_t2i_generator(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder written by ``save_t2i_generator``."""
+    return _generator_meta(path).get("role") == "t2i_one_step_generator"
+
+
 def load_t2i_generator(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """(OneStepGenerator over a LatentDenoiser, its T2IPipeline) from a ``save_t2i_generator`` folder."""
-    meta_file = Path(path) / GENERATOR_META
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if meta.get("role") != "t2i_one_step_generator":
+    meta = _generator_meta(path)
+    if not is_t2i_generator(path):
         raise CheckpointError(f"{str(path)!r} is not a text-to-image one-step generator folder (written by "
                               "`sfd-fast distill --pipeline`)")
     pipeline = load_t2i_pipeline(path, device)
@@ -133,4 +144,5 @@ def sample_t2i(generator: OneStepGenerator, pipeline: T2IPipeline, prompts: list
 
 
 __all__ = ["T2IOptions", "T2I_SFD_CONFIG", "build_t2i_state", "save_t2i_generator", "load_t2i_generator",
+           "is_t2i_generator",
            "sample_t2i"]
