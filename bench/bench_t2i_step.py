@@ -1,26 +1,31 @@
-"""Text-to-image (latent) train-step throughput: providers side by side in one run.
+"""Text-to-image (latent) train-step throughput: reference vs fast path, one run.
 
     python -m pytest bench/bench_t2i_step.py --benchmark-enable \
         --benchmark-json=bench/results/t2i_step-<device>-<date>.json
 
 Model: the random SD-style pipeline of ``sfd_fast.t2i_tiny`` ("mid": 16x16x4 latents, 3-level
-UNet2DConditionModel with cross-attention, CLIP text encoder with L=16, D=64) on CPU; the same
-pipeline shape is used on GPU until an SD-size folder is supplied via $SFD_FAST_T2I_PIPELINE.
-Teacher and fake score run CFG (scale 4.5: cond + uncond in one UNet call); batch 4 + 4.
+UNet2DConditionModel with cross-attention, CLIP text encoder with L=16, D=64), or an SD-size
+folder given in $SFD_FAST_T2I_PIPELINE. Teacher and fake score run CFG (scale 4.5: cond + uncond
+in one UNet call); batch 4 + 4.
 
-Providers (each a function state-options -> T2IOptions / StepOptions; the fused path of
-``fast_step`` is one more entry once it accepts text conditions):
-  reference_fp32       fp32 weights and compute
-  bf16_autocast        fake score and G autocast to bf16 (fp32 master weights), teacher weights bf16
-  bf16_checkpointing   as bf16_autocast plus gradient checkpointing of G and teacher (memory, not speed)
-Reported in ``extra_info``: images/s, steps/s, ratio to reference_fp32 measured in this run,
-UNet forward FLOPs (FlopCounterMode, one CFG-less call), peak memory (CUDA) or process peak RSS (CPU).
+Providers, each (T2IOptions, train_step options):
+  reference_fp32             fp32 weights and compute, reference eager step (step.py)
+  fused_fp32                 the fast path (fast_step.py), fp32: same numbers as the reference
+  fused_bf16_autocast        fast path with bf16 autocast; teacher weights bf16
+  fused_bf16_weights         fast path; teacher bf16, fake score and G stored in bf16 with fp32 masters
+  fused_bf16_weights_ckpt    as fused_bf16_weights plus gradient checkpointing of all three UNets
+  fast                       bf16 weights + the "fast" preset (shared G sample, channels_last,
+                             compile and CUDA graphs where the device allows; compile off on CPU)
+Reported in ``extra_info``: images/s, steps/s, ratio to reference_fp32 measured in this run, UNet
+forward FLOPs (one CFG-less call), ``saved_for_backward_bytes`` (distinct tensors autograd kept
+for backward during one whole step, weights excluded: the activation memory, measurable on CPU),
+``state_bytes`` (weights of the four networks + optimizer state incl. master copies), and on CUDA
+the peak allocated memory.
 """
 
 from __future__ import annotations
 
 import os
-import resource
 
 import pytest
 import torch
@@ -28,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sfd_fast import train_step
 from sfd_fast.networks import count_parameters
+from sfd_fast.step_options import StepOptions
 from sfd_fast.t2i_concepts import ConceptSpec
 from sfd_fast.t2i_distill import T2I_SFD_CONFIG, T2IOptions, build_t2i_state
 from sfd_fast.t2i_pipeline import load_t2i_pipeline
@@ -35,16 +41,61 @@ from sfd_fast.t2i_tiny import build_tiny_pipeline
 
 pytest.importorskip("transformers", reason="text-to-image needs the 'text' extra")
 
+BF16_WEIGHTS = T2IOptions(teacher_precision="bf16", trained_precision="bf16")
 PROVIDERS = {
-    "reference_fp32": T2IOptions(),
-    "bf16_autocast": T2IOptions(teacher_precision="bf16", compute_precision="bf16"),
-    "bf16_checkpointing": T2IOptions(teacher_precision="bf16", compute_precision="bf16", gradient_checkpointing=True),
+    "reference_fp32": (T2IOptions(), None),
+    "fused_fp32": (T2IOptions(), "fused"),
+    "fused_bf16_autocast": (T2IOptions(teacher_precision="bf16"), "bf16"),
+    "fused_bf16_weights": (BF16_WEIGHTS, "fused"),
+    "fused_bf16_weights_ckpt": (T2IOptions(teacher_precision="bf16", trained_precision="bf16",
+                                           gradient_checkpointing=True), "fused"),
+    "fast": (BF16_WEIGHTS, "fast"),
 }
-ROUNDS = {"cpu": (1, 2), "cuda": (3, 10)}  # (warmup, timed)
+ROUNDS = {"cpu": 5, "cuda": 10}  # timed rounds; the untimed memory-measuring step is the warm-up
 CONFIG = T2I_SFD_CONFIG.replace(batch_size=4, forget_batch_size=4)
 SPEC = ConceptSpec.from_substitution("brad pitt", "a middle aged man",
                                      ["a photo of a cat", "a red car", "a bowl of fruit"])
 _MEDIANS: dict[str, float] = {}
+
+
+def step_options(name: str | None, device: torch.device) -> StepOptions | None:
+    if name is None:
+        return None
+    options = StepOptions.from_name(name)
+    if device.type != "cuda" and options.compile != "off":
+        options = options.replace(compile="off")  # inductor on a 2-core CPU takes minutes per UNet
+    return options
+
+
+def state_bytes(state) -> int:
+    """Weights of teacher, fake score, G and its EMA, plus every optimizer tensor (masters included)."""
+    def size(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+    total = sum(size(m.parameters()) for m in (state.teacher, state.fake, state.generator, state.generator_ema))
+    for opt in (state.opt_fake, state.opt_gen):
+        total += size(getattr(opt, "master_params", []))
+        total += size(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim())
+    return total
+
+
+def saved_for_backward_bytes(state, fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs, weights excluded.
+
+    The storages are held until ``fn`` returns, so no address is reused and each counts once.
+    """
+    weights = {p.untyped_storage().data_ptr() for m in (state.teacher, state.fake, state.generator)
+               for p in m.parameters()}
+    saved: dict[int, torch.UntypedStorage] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(s.nbytes() for s in saved.values())
 
 
 @pytest.fixture(scope="module")
@@ -55,34 +106,41 @@ def pipeline_dir(tmp_path_factory):
 
 @pytest.mark.parametrize("provider", list(PROVIDERS))
 def test_t2i_train_step(benchmark, pipeline_dir, bench_device, provider):
+    t2i_options, preset = PROVIDERS[provider]
+    options = step_options(preset, bench_device)
+    torch.manual_seed(0)
     pipe = load_t2i_pipeline(pipeline_dir, bench_device)  # fresh: the state takes the UNet over
-    state = build_t2i_state(pipe, SPEC, CONFIG, PROVIDERS[provider], bench_device)
+    state = build_t2i_state(pipe, SPEC, CONFIG, t2i_options, bench_device)
     n = CONFIG.batch_size + CONFIG.forget_batch_size
     x = torch.randn(n, *state.image_shape, device=bench_device)
     emb = state.forget.remain[:1].expand(n, -1, -1)
     with FlopCounterMode(display=False) as fwd, torch.no_grad():
-        state.generator.denoiser(x, torch.ones(n, device=bench_device), emb)
+        state.teacher.unet(x.to(state.teacher.unet.dtype), torch.full((n,), 500, device=bench_device),
+                           encoder_hidden_states=emb.to(state.teacher.unet.dtype))
     cuda = bench_device.type == "cuda"
 
     def step():
-        metrics = train_step(state)
+        metrics = train_step(state, options=options)
         if cuda:
             torch.cuda.synchronize()
         return metrics
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    warmup, rounds = ROUNDS[bench_device.type]
-    metrics = benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    warmup = 0
+    if options is not None and options.cuda_graph != "off" and cuda:
+        warmup = options.warmup_steps + 1  # capture happens outside the timed rounds
+    saved_bytes = saved_for_backward_bytes(state, step)  # also the first (warm-up) step
+    metrics = benchmark.pedantic(step, rounds=ROUNDS[bench_device.type], iterations=1, warmup_rounds=warmup)
     assert all(torch.isfinite(v.float()) for v in metrics.values())
     info = benchmark.extra_info
-    info.update(provider=provider, options=vars(PROVIDERS[provider]), unet_params=count_parameters(pipe.unet),
-                batch_images=n, cfg_scale=PROVIDERS[provider].guidance_scale,
-                unet_forward_flops=fwd.get_total_flops(), pipeline=str(pipeline_dir))
+    info.update(provider=provider, t2i_options=vars(t2i_options),
+                step_options=None if options is None else options.to_dict(),
+                unet_params=count_parameters(pipe.unet), batch_images=n, cfg_scale=t2i_options.guidance_scale,
+                unet_forward_flops=fwd.get_total_flops(), pipeline=str(pipeline_dir),
+                saved_for_backward_bytes=saved_bytes, state_bytes=state_bytes(state))
     if cuda:
         info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    else:
-        info["peak_rss_bytes_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # --benchmark-disable
         return
