@@ -153,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     # --- text-to-image: one-step samples from a `distill --pipeline` generator (t2i_cli.py)
-    from .t2i_cli import add_sample_parser
+    from .t2i_cli import add_evaluate_parser, add_sample_parser
 
     add_sample_parser(sub)
+    add_evaluate_parser(sub)
 
     p = sub.add_parser("evaluate", help="score a generator or a teacher sampler with the classifier",
                        description="Forget/override/remain accuracy of a one-step generator (--generator) or a "
@@ -367,6 +368,11 @@ def _run(args, progress: bool) -> int:
         from .t2i_cli import run_sample
 
         return run_sample(args)
+
+    if args.command == "evaluate-t2i":
+        from .t2i_cli import run_evaluate
+
+        return run_evaluate(args)
 
     if args.command == "evaluate":
         from .classifier import CLASSIFIER_FILE, DigitClassifier

@@ -123,7 +123,8 @@ def _distill(args) -> int:
                         **{k: float(v) for k, v in metrics.items()}})
     args.out.mkdir(parents=True, exist_ok=True)
     save_t2i_generator(state.generator_ema, args.pipeline, args.out / "generator", spec.negative_prompt)
-    write_json({"sfd": config.to_dict(), "t2i": vars(options), "step_options": args.step_options, "forget": list(spec.forget),
+    write_json({"sfd": config.to_dict(), "t2i": vars(options), "step_options": args.step_options,
+                "pipeline": str(args.pipeline.resolve()), "forget": list(spec.forget),
                 "override": list(spec.override), "remain": list(spec.remain),
                 "negative_prompt": spec.negative_prompt}, args.out / "config.json")
     write_json({"log": log}, args.out / "train_log.json")
@@ -158,4 +159,77 @@ def run_sample(args) -> int:
     return 0
 
 
-__all__ = ["build_distill_parser", "run_distill", "add_sample_parser", "run_sample", "DEFAULT_REMAIN"]
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate-t2i", help="CLIP-scored forgetting metrics of a text-to-image run (JSON, grids)",
+                       description="Score the generator of a `sfd-fast distill --pipeline` run and its teacher "
+                                   "(Heun sampler) with a local CLIP model: override rate of forget prompts (closer "
+                                   "to the override text than to the forget text), CLIP scores, and retention on "
+                                   "remain prompts. Writes metrics.json and one sample grid per sampler.")
+    p.add_argument("--run", type=Path, required=True, help="output folder of `distill --pipeline` (config.json, generator/)")
+    p.add_argument("--clip", type=Path, required=True,
+                   help="local transformers CLIPModel folder with its tokenizer (safetensors), e.g. a saved "
+                        "openai/clip-vit-large-patch14")
+    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json and the PNG grids")
+    p.add_argument("--pipeline", type=Path, default=None,
+                   help="the teacher's pipeline folder (default: the one recorded in the run's config.json)")
+    p.add_argument("--per-prompt", type=int, default=4, help="images per prompt and sampler (default: 4)")
+    p.add_argument("--teacher-steps", type=int, default=25,
+                   help="Heun steps of the teacher sampler; NFE = 2*steps-1 (default: 25)")
+    p.add_argument("--max-forget", type=int, default=8, help="score at most this many forget prompts (default: 8)")
+    p.add_argument("--max-remain", type=int, default=8, help="score at most this many remain prompts (default: 8)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per network call (default: 16)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed, shared by both samplers (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="accepted for symmetry; evaluation shows no bar")
+
+
+def run_evaluate(args) -> int:
+    import json
+
+    import torch
+
+    from .evaluate import write_json
+    from .images import save_grid
+    from .t2i_denoiser import LatentDenoiser
+    from .t2i_distill import load_t2i_generator
+    from .t2i_evaluate import ClipJudge, evaluate_t2i
+    from .t2i_pipeline import load_t2i_pipeline
+
+    for name in ("per_prompt", "teacher_steps", "max_forget", "max_remain", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    config_file = args.run / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(config_file)!r} not found: --run must be the --out folder of "
+                                "`sfd-fast distill --pipeline`")
+    run = json.loads(config_file.read_text())
+    pipeline_dir = args.pipeline or Path(run["pipeline"])
+    judge = ClipJudge(args.clip, args.device)
+    generator, _ = load_t2i_generator(args.run / "generator", args.device)
+    pipeline = load_t2i_pipeline(pipeline_dir, args.device)
+    guidance = run["t2i"]["guidance_scale"]
+    negative = pipeline.encode_prompts([run["negative_prompt"]]) if guidance != 1 else None
+    teacher = LatentDenoiser(pipeline.unet, pipeline.scheduler_config, guidance, negative).to(args.device)
+    forget, override = run["forget"][:args.max_forget], run["override"][:args.max_forget]
+    remain = run["remain"][:args.max_remain]
+    torch.manual_seed(args.seed)
+    metrics, images = evaluate_t2i(generator, teacher, pipeline, judge, forget, override, remain,
+                                   per_prompt=args.per_prompt, teacher_steps=args.teacher_steps, seed=args.seed,
+                                   batch_size=args.batch_size)
+    metrics.update(run=str(args.run), pipeline=str(pipeline_dir), forget=forget, override=override, remain=remain)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, imgs in images.items():
+        save_grid(imgs, args.per_prompt, args.out / f"samples_{name}.png")  # forget rows, then remain rows
+    write_json(metrics, args.out / "metrics.json")
+    for name in ("generator", "teacher"):
+        m = metrics[name]
+        print(f"{name:9s} (NFE {metrics['nfe'][name]:>2}): override_rate={m['override_rate']:.3f} "
+              f"forget_clip={m['forget_clip_score']:.2f} override_clip={m['override_clip_score']:.2f} "
+              f"remain_clip={m['remain_clip_score']:.2f}")
+    print(f"retention (CLIP image distance to the teacher, remain prompts): {metrics['retention_clip_distance']:.4f}")
+    print(f"wrote {args.out / 'metrics.json'}, samples_generator.png, samples_teacher.png")
+    return 0
+
+
+__all__ = ["build_distill_parser", "run_distill", "add_sample_parser", "run_sample", "add_evaluate_parser",
+           "run_evaluate", "DEFAULT_REMAIN"]

@@ -93,4 +93,23 @@ def build_tiny_pipeline(path: str | os.PathLike, prediction_type: str = "epsilon
     return path
 
 
-__all__ = ["build_tiny_pipeline", "TinyPipelineShape", "TINY_SHAPES", "write_byte_vocab"]
+def build_tiny_clip(path: str | os.PathLike, image_size: int = 32, seed: int = 0) -> Path:
+    """A random tiny CLIPModel + byte-level tokenizer saved to ``path`` (tests of CLIP-scored metrics)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges, vocab_size = write_byte_vocab(Path(tmp))
+        tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=32)
+    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    model = CLIPModel(CLIPConfig(
+        text_config=dict(vocab_size=vocab_size, max_position_embeddings=32, bos_token_id=vocab_size - 2,
+                         eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **layers),
+        vision_config=dict(image_size=image_size, patch_size=8, **layers), projection_dim=16))
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+__all__ = ["build_tiny_pipeline", "build_tiny_clip", "TinyPipelineShape", "TINY_SHAPES", "write_byte_vocab"]
