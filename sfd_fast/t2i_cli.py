@@ -178,9 +178,12 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--max-forget", type=int, default=8, help="score at most this many forget prompts (default: 8)")
     p.add_argument("--max-remain", type=int, default=8, help="score at most this many remain prompts (default: 8)")
     p.add_argument("--batch-size", type=int, default=16, help="images per network call (default: 16)")
+    p.add_argument("--attack-steps", type=int, default=30,
+                   help="Adam steps of the soft-prompt attack on each scored forget prompt; 0 skips it (default: 30)")
+    p.add_argument("--attack-tokens", type=int, default=4, help="learned soft tokens per attacked prompt (default: 4)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="noise seed, shared by both samplers (default: 0)")
-    p.add_argument("--no-progress", action="store_true", help="accepted for symmetry; evaluation shows no bar")
+    p.add_argument("--no-progress", action="store_true", help="hide the attack's progress bar")
 
 
 def run_evaluate(args) -> int:
@@ -192,10 +195,15 @@ def run_evaluate(args) -> int:
     from .images import save_grid
     from .t2i_denoiser import LatentDenoiser
     from .t2i_distill import load_t2i_generator
+    from tqdm.auto import tqdm
+
+    from .t2i_attack import soft_prompt_attack
     from .t2i_evaluate import ClipJudge, evaluate_t2i
     from .t2i_pipeline import load_t2i_pipeline
 
-    for name in ("per_prompt", "teacher_steps", "max_forget", "max_remain", "batch_size"):
+    if args.attack_steps < 0:
+        raise ValueError(f"--attack-steps must be >= 0, got {args.attack_steps}")
+    for name in ("per_prompt", "teacher_steps", "max_forget", "max_remain", "batch_size", "attack_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     config_file = args.run / "config.json"
@@ -216,6 +224,13 @@ def run_evaluate(args) -> int:
     metrics, images = evaluate_t2i(generator, teacher, pipeline, judge, forget, override, remain,
                                    per_prompt=args.per_prompt, teacher_steps=args.teacher_steps, seed=args.seed,
                                    batch_size=args.batch_size)
+    if args.attack_steps > 0:  # AdvUnlearn-style soft-prompt attack on the generator, ASR by the CLIP judge
+        attacks = [soft_prompt_attack(generator, teacher, pipeline, judge, f, o, tokens=args.attack_tokens,
+                                      steps=args.attack_steps, teacher_steps=args.teacher_steps, seed=args.seed)
+                   for f, o in tqdm(list(zip(forget, override)), desc="attack", disable=args.no_progress)]
+        metrics["attack"] = {"asr_before": sum(a["asr_before"] for a in attacks) / len(attacks),
+                             "asr_after": sum(a["asr_after"] for a in attacks) / len(attacks),
+                             "per_prompt": attacks}
     metrics.update(run=str(args.run), pipeline=str(pipeline_dir), forget=forget, override=override, remain=remain)
     args.out.mkdir(parents=True, exist_ok=True)
     for name, imgs in images.items():
@@ -227,6 +242,9 @@ def run_evaluate(args) -> int:
               f"forget_clip={m['forget_clip_score']:.2f} override_clip={m['override_clip_score']:.2f} "
               f"remain_clip={m['remain_clip_score']:.2f}")
     print(f"retention (CLIP image distance to the teacher, remain prompts): {metrics['retention_clip_distance']:.4f}")
+    if "attack" in metrics:
+        print(f"soft-prompt attack on the generator: ASR {metrics['attack']['asr_before']:.3f} before, "
+              f"{metrics['attack']['asr_after']:.3f} after")
     print(f"wrote {args.out / 'metrics.json'}, samples_generator.png, samples_teacher.png")
     return 0
 

@@ -50,13 +50,15 @@ def test_cli_distill_then_evaluate_t2i(tmp_path, clip_dir, capsys):
     from sfd_fast.cli import main
 
     pipe = build_tiny_pipeline(tmp_path / "pipe")
+    remain = tmp_path / "remain.txt"
+    remain.write_text("a cat\na red car\na bowl\n")
     run = tmp_path / "run"
     assert main(["distill", "--pipeline", str(pipe), "--out", str(run), "--forget", "brad pitt", "--override",
-                 "a middle aged man", "--steps", "1", "--set", "batch_size=1", "--set", "forget_batch_size=1",
+                 "a man", "--forget", "tom hanks", "--override", "a guy", "--steps", "1", "--literal", "--remain-file", str(remain), "--set", "batch_size=1", "--set", "forget_batch_size=1",
                  "--no-progress"]) == 0, capsys.readouterr().err
     out = tmp_path / "eval"
     code = main(["evaluate-t2i", "--run", str(run), "--clip", str(clip_dir), "--out", str(out), "--per-prompt", "2",
-                 "--teacher-steps", "2", "--max-forget", "2", "--max-remain", "3"])
+                 "--teacher-steps", "2", "--max-forget", "2", "--max-remain", "3", "--attack-steps", "2", "--no-progress"])
     assert code == 0, capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["nfe"] == {"generator": 1, "teacher": 3}
@@ -68,8 +70,46 @@ def test_cli_distill_then_evaluate_t2i(tmp_path, clip_dir, capsys):
         rows, cols = 2 + 3, 2  # forget rows then remain rows, --per-prompt images each; 16x16, 1-px gaps, x2
         assert Image.open(out / f"samples_{name}.png").size == (2 * (cols * 17 + 1), 2 * (rows * 17 + 1))
     assert 0 <= metrics["retention_clip_distance"] <= 2
+    assert len(metrics["attack"]["per_prompt"]) == 2 and 0 <= metrics["attack"]["asr_after"] <= 1
     assert "retention" in capsys.readouterr().out
 
     assert main(["evaluate-t2i", "--run", str(tmp_path), "--clip", str(clip_dir), "--out", str(tmp_path / "x")]) == 2
     assert "--run must be the --out folder" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_soft_prompt_hook_is_exact_and_causal(tmp_path):
+    from sfd_fast.t2i_attack import SoftPrompt
+    from sfd_fast.t2i_pipeline import load_t2i_pipeline
+
+    pipe = load_t2i_pipeline(build_tiny_pipeline(tmp_path / "pipe"))
+    soft = SoftPrompt(pipe, "brad pitt", tokens=3)
+    with torch.no_grad():
+        plain = pipe.text_encoder(soft.ids[None])[0]
+        torch.testing.assert_close(soft.embeddings(), plain)  # delta starts at the placeholders' embeddings
+        soft.delta.add_(torch.randn(soft.delta.shape, generator=torch.Generator().manual_seed(0)))  # not a constant: LayerNorm removes those
+        moved = soft.embeddings()
+    start = int(soft.positions[0])
+    torch.testing.assert_close(moved[:, :start], plain[:, :start])  # causal text encoder: the prompt is untouched
+    assert (moved[:, start:] - plain[:, start:]).abs().amax() > 1e-3
+    with pytest.raises(ValueError, match="no room for"):
+        SoftPrompt(pipe, "a very long prompt indeed", tokens=4)
+    with pytest.raises(ValueError, match="tokens must be >= 1"):
+        SoftPrompt(pipe, "brad pitt", tokens=0)
+
+
+def test_soft_prompt_attack_lowers_its_loss_and_reports_asr(tmp_path, clip_dir):
+    from sfd_fast.networks import OneStepGenerator
+    from sfd_fast.t2i_attack import soft_prompt_attack
+    from sfd_fast.t2i_denoiser import LatentDenoiser
+    from sfd_fast.t2i_pipeline import load_t2i_pipeline
+
+    pipe = load_t2i_pipeline(build_tiny_pipeline(tmp_path / "pipe"))
+    teacher = LatentDenoiser(pipe.unet, pipe.scheduler_config, 2.0, pipe.encode_prompts([""]))
+    generator = OneStepGenerator(LatentDenoiser(pipe.unet, pipe.scheduler_config), 2.5)
+    result = soft_prompt_attack(generator, teacher, pipe, ClipJudge(clip_dir), "brad pitt", "a man", steps=15,
+                                lr=0.05, teacher_steps=2)
+    # Tiny random UNets barely listen to the text, so the achievable drop is small; it must be a drop.
+    assert result["loss_after"] < result["loss_before"] - 1e-3, result
+    assert 0 <= result["asr_before"] <= 1 and 0 <= result["asr_after"] <= 1
+    assert all(p.grad is None and p.requires_grad for p in generator.parameters())
