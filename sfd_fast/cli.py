@@ -36,8 +36,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 # --- scale-out and reliability options of `distill` (sfd_fast.resilient, sfd_fast.distributed) ---
-def _add_resilience_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("checkpoints, resume and multi-GPU (see docs/distributed.md)")
+def add_resilience_args(p: argparse.ArgumentParser,
+                        title: str = "checkpoints, resume and multi-GPU (see docs/distributed.md)") -> None:
+    g = p.add_argument_group(title)
     g.add_argument("--checkpoint-dir", type=Path, default=None,
                    help="where full-state checkpoints go (default: <out>/checkpoints when any option here is used)")
     g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override one SFDConfig field (JSON value), e.g. --set lr_gen=1e-4; repeatable")
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cuda"],
                    help="loss implementation (default: $SFD_FAST_BACKEND or auto)")
-    _add_resilience_args(p)
+    add_resilience_args(p)
     _add_forget_args(p)
     _add_common(p)
 

@@ -15,6 +15,7 @@ DEFAULT_REMAIN = ("a photo of a cat", "a landscape painting", "a red car on a st
 
 
 def build_distill_parser() -> argparse.ArgumentParser:
+    from .cli import add_resilience_args
     from .step_options import STEP_PRESETS
 
     p = argparse.ArgumentParser(prog="sfd-fast distill --pipeline", description=(
@@ -50,6 +51,7 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one SFDConfig field (JSON value) of the text-to-image preset; repeatable")
     p.add_argument("--log-every", type=int, default=10, help="pull metrics to the host every N steps (default: 10)")
+    add_resilience_args(p, "checkpoints and resume (full state, bit-exact; SIGTERM/SIGINT save and exit)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -91,14 +93,13 @@ def run_distill(argv: list[str]) -> int:
 
 
 def _distill(args) -> int:
-    import time
-
     import torch
     from tqdm.auto import tqdm
 
     from .config import SFDConfig, parse_overrides
     from .evaluate import write_json
-    from .step import train_step
+    from .faults import NonFiniteError
+    from .resilient import run_resilient
     from .t2i_distill import T2I_SFD_CONFIG, T2IOptions, build_t2i_state, save_t2i_generator
     from .t2i_pipeline import load_t2i_pipeline
 
@@ -115,12 +116,31 @@ def _distill(args) -> int:
     torch.manual_seed(args.seed)
     pipeline = load_t2i_pipeline(args.pipeline, args.device)
     state = build_t2i_state(pipeline, spec, config, options, args.device)
-    log, start = [], time.perf_counter()
-    for i in tqdm(range(args.steps), desc="sfd-t2i", disable=args.no_progress):
-        metrics = train_step(state, options=args.step_options)
-        if (i + 1) % args.log_every == 0 or i + 1 == args.steps:
-            log.append({"step": state.step, "seconds": time.perf_counter() - start,
-                        **{k: float(v) for k, v in metrics.items()}})
+    if args.log_every < 1:
+        raise ValueError(f"--log-every must be >= 1, got {args.log_every}")
+    checkpoints = args.checkpoint_dir or (args.out / "checkpoints"
+                                          if args.checkpoint_every or args.resume else None)
+    bar = tqdm(total=args.steps, desc="sfd-t2i", disable=args.no_progress)
+
+    def on_log(step, metrics):  # every --log-every steps (one host sync there, none in between)
+        bar.update(step - bar.n)
+        bar.set_postfix(loss_gen=f"{metrics['loss_gen']:.4g}", loss_fake=f"{metrics['loss_fake']:.4g}")
+
+    try:
+        result = run_resilient(state, args.steps, checkpoint_root=checkpoints, checkpoint_every=args.checkpoint_every,
+                               keep_last=args.keep_last, resume=args.resume, log_every=args.log_every,
+                               on_log=on_log, options=args.step_options)
+    except NonFiniteError as exc:
+        print(f"sfd-fast distill: stopped: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        bar.close()
+    if result.resumed_from is not None:
+        print(f"resumed from {result.resumed_from}")
+    if result.interrupted:
+        print(f"interrupted at step {state.step}; checkpoint {result.checkpoint}; continue with --resume")
+        return 0
+    log = result.log
     args.out.mkdir(parents=True, exist_ok=True)
     save_t2i_generator(state.generator_ema, args.pipeline, args.out / "generator", spec.negative_prompt)
     write_json({"sfd": config.to_dict(), "t2i": vars(options), "step_options": args.step_options,

@@ -290,6 +290,28 @@ def test_cli_distill_pipeline_then_sample(pipeline_dirs, tmp_path, capsys):
     assert "NFE 1" in capsys.readouterr().out
 
 
+def test_cli_checkpoint_and_resume_equal_a_straight_run(pipeline_dirs, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from sfd_fast.cli import main
+
+    common = ["distill", "--pipeline", str(pipeline_dirs["epsilon"]), "--forget", "brad pitt", "--override",
+              "a middle aged man", "--set", "batch_size=1", "--set", "forget_batch_size=1", "--set", "lr_gen=1e-3",
+              "--set", "lr_fake=1e-3", "--set", "ema_halflife_kimg=0.001", "--trained-precision", "bf16",
+              "--log-every", "1", "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "straight"), "--steps", "3"]) == 0
+    assert main(common + ["--out", str(tmp_path / "split"), "--steps", "2", "--checkpoint-every", "1"]) == 0
+    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints").iterdir()) == ["step-00000001",
+                                                                                      "step-00000002"]
+    assert main(common + ["--out", str(tmp_path / "split"), "--steps", "3", "--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    weights = "generator/unet/diffusion_pytorch_model.safetensors"
+    straight, split = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "split" / weights)
+    assert all(torch.equal(straight[k], split[k]) for k in straight)
+    log = json.loads((tmp_path / "split" / "train_log.json").read_text())["log"]
+    assert [entry["step"] for entry in log] == [3]
+
+
 def test_cli_unpaired_forget_is_a_clear_error(pipeline_dirs, tmp_path, capsys):
     from sfd_fast.cli import main
 
