@@ -51,7 +51,8 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one SFDConfig field (JSON value) of the text-to-image preset; repeatable")
     p.add_argument("--log-every", type=int, default=10, help="pull metrics to the host every N steps (default: 10)")
-    add_resilience_args(p, "checkpoints and resume (full state, bit-exact; SIGTERM/SIGINT save and exit)")
+    add_resilience_args(p, "checkpoints, resume and multi-GPU (bit-exact resume; SIGTERM/SIGINT save and exit; "
+                           "under torchrun every rank trains with DDP, rank 0 writes)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -93,9 +94,12 @@ def run_distill(argv: list[str]) -> int:
 
 
 def _distill(args) -> int:
+    import os
+
     import torch
     from tqdm.auto import tqdm
 
+    from . import distributed
     from .config import SFDConfig, parse_overrides
     from .evaluate import write_json
     from .faults import NonFiniteError
@@ -113,43 +117,52 @@ def _distill(args) -> int:
                          compute_precision=args.compute_precision, trained_precision=args.trained_precision,
                          gradient_checkpointing=args.gradient_checkpointing)
     spec = _concepts(args)
-    torch.manual_seed(args.seed)
-    pipeline = load_t2i_pipeline(args.pipeline, args.device)
-    state = build_t2i_state(pipeline, spec, config, options, args.device)
     if args.log_every < 1:
         raise ValueError(f"--log-every must be >= 1, got {args.log_every}")
-    checkpoints = args.checkpoint_dir or (args.out / "checkpoints"
-                                          if args.checkpoint_every or args.resume else None)
-    bar = tqdm(total=args.steps, desc="sfd-t2i", disable=args.no_progress)
-
-    def on_log(step, metrics):  # every --log-every steps (one host sync there, none in between)
-        bar.update(step - bar.n)
-        bar.set_postfix(loss_gen=f"{metrics['loss_gen']:.4g}", loss_fake=f"{metrics['loss_fake']:.4g}")
-
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one rank per process, DDP
+        device = distributed.init_from_env("gloo" if args.device == "cpu" else "nccl")
     try:
-        result = run_resilient(state, args.steps, checkpoint_root=checkpoints, checkpoint_every=args.checkpoint_every,
-                               keep_last=args.keep_last, resume=args.resume, log_every=args.log_every,
-                               on_log=on_log, options=args.step_options)
-    except NonFiniteError as exc:
-        print(f"sfd-fast distill: stopped: {exc}", file=sys.stderr)
-        return 3
-    finally:
-        bar.close()
-    if result.resumed_from is not None:
-        print(f"resumed from {result.resumed_from}")
-    if result.interrupted:
-        print(f"interrupted at step {state.step}; checkpoint {result.checkpoint}; continue with --resume")
+        main = distributed.is_main()
+        torch.manual_seed(args.seed)
+        state = build_t2i_state(load_t2i_pipeline(args.pipeline, device), spec, config, options, device)
+        distributed.distribute_state(state, "ddp")
+        checkpoints = args.checkpoint_dir or (args.out / "checkpoints"
+                                              if args.checkpoint_every or args.resume else None)
+        bar = tqdm(total=args.steps, desc="sfd-t2i", disable=args.no_progress or not main)
+
+        def on_log(step, metrics):  # every --log-every steps (one host sync there, none in between)
+            bar.update(step - bar.n)
+            bar.set_postfix(loss_gen=f"{metrics['loss_gen']:.4g}", loss_fake=f"{metrics['loss_fake']:.4g}")
+
+        try:
+            result = run_resilient(state, args.steps, checkpoint_root=checkpoints,
+                                   checkpoint_every=args.checkpoint_every, keep_last=args.keep_last,
+                                   resume=args.resume, log_every=args.log_every, on_log=on_log,
+                                   options=args.step_options)
+        except NonFiniteError as exc:
+            print(f"sfd-fast distill: stopped: {exc}", file=sys.stderr)
+            return 3
+        finally:
+            bar.close()
+        if not main:
+            return 0
+        if result.resumed_from is not None:
+            print(f"resumed from {result.resumed_from}")
+        if result.interrupted:
+            print(f"interrupted at step {state.step}; checkpoint {result.checkpoint}; continue with --resume")
+            return 0
+        args.out.mkdir(parents=True, exist_ok=True)
+        save_t2i_generator(state.generator_ema, args.pipeline, args.out / "generator", spec.negative_prompt)
+        write_json({"sfd": config.to_dict(), "t2i": vars(options), "step_options": args.step_options,
+                    "world_size": distributed.world_size(), "pipeline": str(args.pipeline.resolve()),
+                    "forget": list(spec.forget), "override": list(spec.override), "remain": list(spec.remain),
+                    "negative_prompt": spec.negative_prompt}, args.out / "config.json")
+        write_json({"log": result.log}, args.out / "train_log.json")
+        print(f"saved generator to {args.out / 'generator'}")
         return 0
-    log = result.log
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_t2i_generator(state.generator_ema, args.pipeline, args.out / "generator", spec.negative_prompt)
-    write_json({"sfd": config.to_dict(), "t2i": vars(options), "step_options": args.step_options,
-                "pipeline": str(args.pipeline.resolve()), "forget": list(spec.forget),
-                "override": list(spec.override), "remain": list(spec.remain),
-                "negative_prompt": spec.negative_prompt}, args.out / "config.json")
-    write_json({"log": log}, args.out / "train_log.json")
-    print(f"saved generator to {args.out / 'generator'}")
-    return 0
+    finally:
+        distributed.shutdown()
 
 
 def add_sample_parser(sub) -> None:
