@@ -11,6 +11,10 @@ Each iteration is SFD's ``train_step`` followed by one *adversarial forget step*
    adversarial condition; weight lambda_g). Each network reads the condition as its own embedding
    row of c_f plus the shared delta, so G's gradient also reaches its table row.
 The losses are the reference ``losses`` functions, unchanged.
+
+Conditions are class labels (delta offsets each network's class-embedding row) or, on the
+text-to-image path, text embeddings (B, L, D) (delta offsets the embedding every network reads,
+so G's gradient stays in its weights): ``robust_sfd_step`` takes either state.
 """
 
 from __future__ import annotations
@@ -37,9 +41,13 @@ class RobustConfig:
             raise ValueError(f"RobustConfig needs inner_steps >= 1, inner_lr > 0, weight >= 0; got {self}")
 
 
-def _table(module) -> torch.Tensor:
+def _embed(module, c: torch.Tensor) -> torch.Tensor:
+    """The embedding ``module`` reads for condition c: its class-embedding rows of labels c, or c
+    itself when c is already an embedding (text-to-image)."""
+    if c.is_floating_point():
+        return c
     denoiser = getattr(module, "denoiser", module)
-    return denoiser.unet.class_embedding.weight
+    return denoiser.unet.class_embedding.weight[c]
 
 
 def _noise(state: SFDState, n: int) -> torch.Tensor:
@@ -48,9 +56,10 @@ def _noise(state: SFDState, n: int) -> torch.Tensor:
 
 def inner_attack(state: SFDState, labels_f: torch.Tensor, labels_o: torch.Tensor, z: torch.Tensor,
                  rcfg: RobustConfig) -> torch.Tensor:
-    """Per-sample offsets delta (B_f, E) that pull G(z, e_f + delta) back towards c_f (teacher's view)."""
+    """Per-sample offsets delta (B_f, E) (or (B_f, L, D) for text) that pull G(z, e_f + delta) back
+    towards c_f (teacher's view). labels_f, labels_o: labels (B_f,) or text embeddings (B_f, L, D)."""
     cfg, n = state.config, len(labels_f)
-    base = _table(state.generator)[labels_f].detach()
+    base = _embed(state.generator, labels_f).detach()
     delta = torch.zeros_like(base, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=rcfg.inner_lr)
     for _ in range(rcfg.inner_steps):
@@ -68,14 +77,15 @@ def inner_attack(state: SFDState, labels_f: torch.Tensor, labels_o: torch.Tensor
 def adversarial_forget_step(state: SFDState, rcfg: RobustConfig) -> dict[str, torch.Tensor]:
     """Inner attack, then the fake-score and generator forget terms at the adversarial conditions."""
     cfg, n = state.config, state.config.forget_batch_size
-    _, labels_f, labels_o = state.forget.sample(0, n, state.rng, state.device)
+    cond = state.forget.sample_conditions(0, n, state.rng, state.device)  # forget samples only
+    labels_f, labels_o = cond.generator, cond.teacher
     z = _noise(state, n)
     delta = inner_attack(state, labels_f, labels_o, z, rcfg)
-    cond_fake = (_table(state.fake)[labels_f] + delta).detach()
+    cond_fake = (_embed(state.fake, labels_f) + delta).detach()
 
     # Fake score: learn G's distribution at the adversarial condition.
     with torch.no_grad():
-        x_adv = state.generator(z, _table(state.generator)[labels_f] + delta)
+        x_adv = state.generator(z, _embed(state.generator, labels_f) + delta)
     sigma = edm_training_sigma(n, cfg.p_mean, cfg.p_std, generator=state.rng, device=state.device)
     x_t = x_adv + sigma.view(-1, 1, 1, 1) * _noise(state, n)
     weight = edm_loss_weight(sigma, cfg.sigma_data) * (cfg.fake_loss_scale * cfg.lambda_sg * rcfg.weight / n)
@@ -86,26 +96,28 @@ def adversarial_forget_step(state: SFDState, rcfg: RobustConfig) -> dict[str, to
     state.opt_fake.step()
 
     # Generator: score-based MU loss, teacher at the override label, fake at the adversarial condition.
-    x_g = state.generator(z, _table(state.generator)[labels_f] + delta)
+    x_g = state.generator(z, _embed(state.generator, labels_f) + delta)
     sigma = sid_training_sigma(n, cfg.t_max, cfg.sigma_min, cfg.sigma_max, cfg.rho,
                                generator=state.rng, device=state.device)
     x_t = x_g + sigma.view(-1, 1, 1, 1) * _noise(state, n)
-    with frozen(state.fake):
+    weight = torch.full((n,), cfg.gen_loss_scale * cfg.lambda_g * rcfg.weight / n, device=state.device)
+    with frozen(state.fake):  # through backward too (a checkpointed fake score recomputes there)
         y_real = state.teacher(x_t, sigma, labels_o)
         y_fake = state.fake(x_t, sigma, cond_fake)
-    weight = torch.full((n,), cfg.gen_loss_scale * cfg.lambda_g * rcfg.weight / n, device=state.device)
-    loss_gen, _ = sid_generator_loss(x_g, y_real, y_fake, weight, alpha=cfg.alpha, omega_min=cfg.omega_min)
-    state.opt_gen.zero_grad(set_to_none=True)
-    loss_gen.backward()
+        loss_gen, _ = sid_generator_loss(x_g, y_real, y_fake, weight, alpha=cfg.alpha, omega_min=cfg.omega_min)
+        state.opt_gen.zero_grad(set_to_none=True)
+        loss_gen.backward()
     sanitize_grads(state.generator.parameters(), cfg.grad_clip_value)
     state.opt_gen.step()
     return {"loss_fake_adv": loss_fake.detach(), "loss_gen_adv": loss_gen.detach(),
-            "delta_norm": delta.norm(dim=1).mean()}
+            "delta_norm": delta.flatten(1).norm(dim=1).mean()}
 
 
-def robust_sfd_step(state: SFDState, rcfg: RobustConfig = RobustConfig(), backend: str | None = None) -> dict:
-    """One robust SFD iteration: ``train_step`` then ``adversarial_forget_step``; metrics as 0-d tensors."""
-    metrics = train_step(state, backend)
+def robust_sfd_step(state: SFDState, rcfg: RobustConfig = RobustConfig(), backend: str | None = None,
+                    options=None) -> dict:
+    """One robust SFD iteration: ``train_step`` (with ``backend``/``options``) then
+    ``adversarial_forget_step``; metrics as 0-d tensors."""
+    metrics = train_step(state, backend, options)
     metrics.update(adversarial_forget_step(state, rcfg))
     return metrics
 

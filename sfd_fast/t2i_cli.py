@@ -47,6 +47,10 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--step-options", choices=sorted(STEP_PRESETS), default="reference",
                    help="how train_step runs (speed, not math): reference eager, fused (same numbers), "
                         "bf16 (fused + autocast), fast (everything the device allows); see docs/fast_step.md")
+    p.add_argument("--robust", action="store_true",
+                   help="robust SFD: after each step, an inner attack on the forget prompts' text embeddings and "
+                        "the SFD forget terms at those adversarial embeddings (sfd_fast/robust_sfd.py)")
+    p.add_argument("--robust-inner-steps", type=int, default=3, help="inner attack steps with --robust (default: 3)")
     p.add_argument("--steps", type=int, default=100, help="SFD iterations (default: 100)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one SFDConfig field (JSON value) of the text-to-image preset; repeatable")
@@ -104,6 +108,7 @@ def _distill(args) -> int:
     from .evaluate import write_json
     from .faults import NonFiniteError
     from .resilient import run_resilient
+    from .robust_sfd import RobustConfig, robust_sfd_step
     from .t2i_distill import T2I_SFD_CONFIG, T2IOptions, build_t2i_state, save_t2i_generator
     from .t2i_pipeline import load_t2i_pipeline
 
@@ -119,6 +124,12 @@ def _distill(args) -> int:
     spec = _concepts(args)
     if args.log_every < 1:
         raise ValueError(f"--log-every must be >= 1, got {args.log_every}")
+    step_fn = None
+    if args.robust:
+        robust = RobustConfig(inner_steps=args.robust_inner_steps)  # validates before any model is loaded
+
+        def step_fn(state):
+            return robust_sfd_step(state, robust, options=args.step_options)
     device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one rank per process, DDP
         device = distributed.init_from_env("gloo" if args.device == "cpu" else "nccl")
@@ -139,7 +150,7 @@ def _distill(args) -> int:
             result = run_resilient(state, args.steps, checkpoint_root=checkpoints,
                                    checkpoint_every=args.checkpoint_every, keep_last=args.keep_last,
                                    resume=args.resume, log_every=args.log_every, on_log=on_log,
-                                   options=args.step_options)
+                                   options=args.step_options, step_fn=step_fn)
         except NonFiniteError as exc:
             print(f"sfd-fast distill: stopped: {exc}", file=sys.stderr)
             return 3
@@ -155,6 +166,7 @@ def _distill(args) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         save_t2i_generator(state.generator_ema, args.pipeline, args.out / "generator", spec.negative_prompt)
         write_json({"sfd": config.to_dict(), "t2i": vars(options), "step_options": args.step_options,
+                    "robust": {"inner_steps": args.robust_inner_steps} if args.robust else None,
                     "world_size": distributed.world_size(), "pipeline": str(args.pipeline.resolve()),
                     "forget": list(spec.forget), "override": list(spec.override), "remain": list(spec.remain),
                     "negative_prompt": spec.negative_prompt}, args.out / "config.json")

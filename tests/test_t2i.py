@@ -216,6 +216,21 @@ def test_bf16_trained_weights_keep_fp32_masters_ema_and_resume(pipeline_dirs, tm
         assert torch.equal(a, b)
 
 
+def test_robust_sfd_on_text_embeddings(pipe):
+    from sfd_fast.robust_sfd import RobustConfig, inner_attack, robust_sfd_step
+
+    state = build_t2i_state(pipe, SPEC, SMALL.replace(lr_gen=1e-4, lr_fake=1e-4))
+    cond = state.forget.sample_conditions(0, 2, state.rng, "cpu")
+    z = torch.randn(2, *state.image_shape)
+    delta = inner_attack(state, cond.generator, cond.teacher, z, RobustConfig(inner_steps=2))
+    assert delta.shape == cond.generator.shape and float(delta.abs().max()) > 0
+    assert all(p.grad is None for p in state.generator.parameters())  # the attack leaves G untouched
+    teacher, gen = _snapshot(state.teacher), _snapshot(state.generator)
+    metrics = robust_sfd_step(state, RobustConfig(inner_steps=1), options="fused")
+    assert all(bool(torch.isfinite(v)) for v in metrics.values()) and "loss_gen_adv" in metrics
+    assert not _changed(teacher, state.teacher) and _changed(gen, state.generator)
+
+
 def test_forget_prompt_routes_to_override_for_teacher_and_forget_for_fake(pipe):
     state = build_t2i_state(pipe, SPEC, SMALL, T2IOptions(prompt_drop=0.0))
     cond = state.forget
@@ -278,10 +293,12 @@ def test_cli_distill_pipeline_then_sample(pipeline_dirs, tmp_path, capsys):
     code = main(["distill", "--pipeline", str(pipeline_dirs["epsilon"]), "--out", str(out), "--forget", "brad pitt",
                  "--override", "a middle aged man", "--steps", "1", "--set", "batch_size=1",
                  "--set", "forget_batch_size=1", "--no-progress", "--step-options", "fused",
-                 "--trained-precision", "bf16", "--gradient-checkpointing"])
+                 "--trained-precision", "bf16", "--gradient-checkpointing", "--robust", "--robust-inner-steps", "1"])
     assert code == 0, capsys.readouterr().err
     written = json.loads((out / "config.json").read_text())
     assert written["step_options"] == "fused" and written["t2i"]["trained_precision"] == "bf16"
+    assert written["robust"] == {"inner_steps": 1}
+    assert "loss_gen_adv" in json.loads((out / "train_log.json").read_text())["log"][-1]
     png = tmp_path / "s.png"
     assert main(["sample", "--generator", str(out / "generator"), "--prompt", "brad pitt", "--prompt", "a cat",
                  "--num", "2", "--out", str(png)]) == 0
