@@ -69,6 +69,7 @@ def _distill_resilient(args, config: SFDConfig, progress: bool) -> int:
     device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun: one rank per process
         device = distributed.init_from_env("gloo" if args.device == "cpu" else "nccl")
+    state = None
     try:
         state = SFDState.create(config, load_denoiser(args.teacher, device), device)
         distributed.distribute_state(state, "ddp")
@@ -82,10 +83,7 @@ def _distill_resilient(args, config: SFDConfig, progress: bool) -> int:
         except NonFiniteError as exc:
             print(f"sfd-fast distill: stopped: {exc}", file=sys.stderr)
             return 3
-        if result.resumed_from is not None:
-            say(f"resumed from {result.resumed_from}")
-        if result.interrupted:
-            say(f"interrupted at step {state.step}; checkpoint {result.checkpoint}; continue with --resume")
+        if result.report_start_and_stop(say):
             return 0
         if distributed.is_main():
             args.out.mkdir(parents=True, exist_ok=True)
@@ -95,7 +93,7 @@ def _distill_resilient(args, config: SFDConfig, progress: bool) -> int:
             say(f"saved generator to {args.out / 'generator'}; checkpoint {result.checkpoint}")
         return 0
     finally:
-        distributed.shutdown()
+        distributed.shutdown(state)
 # --- end of scale-out and reliability options ---
 
 

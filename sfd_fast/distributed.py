@@ -64,7 +64,12 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800) -> torch.
     return torch.device("cpu")
 
 
-def shutdown() -> None:
+def shutdown(state=None) -> None:
+    """Leave the process group. ``state``: its DDP wrappers are removed first, so that their
+    reducers (which hold the group) are not torn down after it: with gloo that left a rank hanging
+    at exit while rank 0, which hosts the store, was already gone."""
+    if state is not None:
+        state.fake, state.generator = unwrap(state.fake), unwrap(state.generator)
     if is_initialized():
         dist.destroy_process_group()
 

@@ -36,6 +36,15 @@ class RunResult:
     resumed_from: Path | None = None     # the checkpoint the run started from, if any
     log: list[dict[str, float]] = field(default_factory=list)
 
+    def report_start_and_stop(self, say: Callable[[str], None] = print) -> bool:
+        """Say where the run resumed from and whether a signal stopped it; True if it did (then the
+        caller writes no final outputs: the checkpoint is the result)."""
+        if self.resumed_from is not None:
+            say(f"resumed from {self.resumed_from}")
+        if self.interrupted:
+            say(f"interrupted at step {self.state.step}; checkpoint {self.checkpoint}; continue with --resume")
+        return self.interrupted
+
 
 @contextlib.contextmanager
 def stop_requested():

@@ -133,6 +133,7 @@ def _distill(args) -> int:
     device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one rank per process, DDP
         device = distributed.init_from_env("gloo" if args.device == "cpu" else "nccl")
+    state = None
     try:
         main = distributed.is_main()
         torch.manual_seed(args.seed)
@@ -158,10 +159,7 @@ def _distill(args) -> int:
             bar.close()
         if not main:
             return 0
-        if result.resumed_from is not None:
-            print(f"resumed from {result.resumed_from}")
-        if result.interrupted:
-            print(f"interrupted at step {state.step}; checkpoint {result.checkpoint}; continue with --resume")
+        if result.report_start_and_stop():
             return 0
         args.out.mkdir(parents=True, exist_ok=True)
         save_t2i_generator(state.generator_ema, args.pipeline, args.out / "generator", spec.negative_prompt)
@@ -174,7 +172,7 @@ def _distill(args) -> int:
         print(f"saved generator to {args.out / 'generator'}")
         return 0
     finally:
-        distributed.shutdown()
+        distributed.shutdown(state)
 
 
 def add_sample_parser(sub) -> None:

@@ -36,6 +36,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     device = distributed.init_from_env("gloo")
+    state = None
     try:
         state = SFDState.create(CFG, _teacher(), device)
         distributed.distribute_state(state, "ddp")
@@ -52,7 +53,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         assert torch.equal(again["loss_gen"], after["loss_gen"]), (rank, again["loss_gen"], after["loss_gen"])
         assert (ckpt is not None) == (rank == 0)
     finally:
-        distributed.shutdown()
+        distributed.shutdown(state)
 
 
 def _free_port() -> int:

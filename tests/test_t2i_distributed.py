@@ -16,7 +16,7 @@ pytest.importorskip("transformers", reason="text-to-image needs the 'text' extra
 from sfd_fast.t2i_tiny import build_tiny_pipeline  # noqa: E402
 
 
-def _worker(rank: int, world: int, port: int, pipe_dir: str, out: str) -> None:
+def _worker(rank: int, world: int, ports: tuple[int, int], pipe_dir: str, out: str) -> None:
     from sfd_fast import distributed, train_step
     from sfd_fast.cli import main
     from sfd_fast.t2i_concepts import ConceptSpec
@@ -24,9 +24,10 @@ def _worker(rank: int, world: int, port: int, pipe_dir: str, out: str) -> None:
     from sfd_fast.t2i_pipeline import load_t2i_pipeline
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]), RANK=str(rank), WORLD_SIZE=str(world))
     # Library: per-rank prompts and noise, gradients averaged, replicas stay equal.
     device = distributed.init_from_env("gloo")
+    state = None
     try:
         spec = ConceptSpec.from_substitution("brad pitt", "a man", ["a cat", "a car"], templates=("{}",))
         cfg = T2I_SFD_CONFIG.replace(batch_size=1, forget_batch_size=1, lr_gen=1e-3, lr_fake=1e-3)
@@ -40,8 +41,10 @@ def _worker(rank: int, world: int, port: int, pipe_dir: str, out: str) -> None:
         moved = any(not torch.equal(a, b) for a, b in zip(start, state.generator.parameters()))
         torch.save({"weights": weights, "moved": moved}, os.path.join(out, f"rank{rank}.pt"))
     finally:
-        distributed.shutdown()
-    # CLI under torchrun's environment: every rank trains, rank 0 writes.
+        distributed.shutdown(state)
+    # CLI under torchrun's environment: every rank trains, rank 0 writes. A fresh port: the first
+    # group's store may still hold the old one, and a rank could reach the closing store (a hang).
+    os.environ["MASTER_PORT"] = str(ports[1])
     code = main(["distill", "--pipeline", pipe_dir, "--out", os.path.join(out, "run"), "--forget", "brad pitt",
                  "--override", "a man", "--literal", "--steps", "2", "--set", "batch_size=1",
                  "--set", "forget_batch_size=1", "--checkpoint-every", "1", "--log-every", "1", "--no-progress"])
@@ -50,10 +53,11 @@ def _worker(rank: int, world: int, port: int, pipe_dir: str, out: str) -> None:
 
 def test_two_gloo_ranks_t2i_library_and_cli(tmp_path):
     pipe = build_tiny_pipeline(tmp_path / "pipe")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(2, port, str(pipe), str(tmp_path)), nprocs=2)
+    with socket.socket() as a, socket.socket() as b:  # both held while asking: two different ports
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        ports = (a.getsockname()[1], b.getsockname()[1])
+    mp.spawn(_worker, args=(2, ports, str(pipe), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert all(r["moved"] for r in ranks)
     # Each rank drew its own prompts and noise (per-rank RNG): equal weights mean averaged updates.
