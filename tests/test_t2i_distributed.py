@@ -58,7 +58,7 @@ def test_two_gloo_ranks_t2i_library_and_cli(tmp_path):
         b.bind(("127.0.0.1", 0))
         ports = (a.getsockname()[1], b.getsockname()[1])
     mp.spawn(_worker, args=(2, ports, str(pipe), str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]  # our own files
     assert all(r["moved"] for r in ranks)
     # Each rank drew its own prompts and noise (per-rank RNG): equal weights mean averaged updates.
     assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
