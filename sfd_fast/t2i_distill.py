@@ -27,6 +27,7 @@ from .t2i_denoiser import LatentDenoiser
 from .t2i_pipeline import PIPELINE_PARTS, T2IPipeline, load_t2i_pipeline
 
 GENERATOR_META = "sfd_fast.json"
+T2I_GENERATOR_ROLE = "t2i_one_step_generator"  # the sidecar's "role" (class generators share the file name)
 
 # SPEC section 3, text-to-image run: alpha 1, lambda_sg = lambda_g = 1, batch 8, lr_G 1e-6, lr_psi 3e-6.
 T2I_SFD_CONFIG = SFDConfig(alpha=1.0, lambda_sg=1.0, lambda_g=1.0, batch_size=4, forget_batch_size=4,
@@ -99,7 +100,7 @@ def save_t2i_generator(generator: OneStepGenerator, pipeline_dir: str | os.PathL
                 shutil.copytree(pipeline_dir / part, tmp / part)
         denoiser = generator.denoiser
         denoiser.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        meta = {"role": "t2i_one_step_generator", "sigma_init": generator.sigma_init,
+        meta = {"role": T2I_GENERATOR_ROLE, "sigma_init": generator.sigma_init,
                 "guidance_scale": denoiser.guidance_scale, "negative_prompt": negative_prompt}
         (tmp / GENERATOR_META).write_text(json.dumps(meta, indent=2))
         _replace_dir(tmp, out)
@@ -118,13 +119,13 @@ def _generator_meta(path: str | os.PathLike) -> dict:
 
 def is_t2i_generator(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a folder written by ``save_t2i_generator``."""
-    return _generator_meta(path).get("role") == "t2i_one_step_generator"
+    return _generator_meta(path).get("role") == T2I_GENERATOR_ROLE
 
 
 def load_t2i_generator(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """(OneStepGenerator over a LatentDenoiser, its T2IPipeline) from a ``save_t2i_generator`` folder."""
     meta = _generator_meta(path)
-    if not is_t2i_generator(path):
+    if meta.get("role") != T2I_GENERATOR_ROLE:
         raise CheckpointError(f"{str(path)!r} is not a text-to-image one-step generator folder (written by "
                               "`sfd-fast distill --pipeline`)")
     pipeline = load_t2i_pipeline(path, device)
