@@ -52,8 +52,7 @@ class MasterWeightAdam(torch.optim.Adam):
     @torch.no_grad()
     def copy_masters_to_model(self) -> None:
         """Round the masters into the module's weights (also after faults' masked-step restore)."""
-        for p, m in zip(self.model_params, self.master_params):
-            p.copy_(m)
+        torch._foreach_copy_(self.model_params, self.master_params)  # one multi-tensor launch on CUDA
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
