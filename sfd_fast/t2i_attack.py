@@ -81,23 +81,26 @@ def soft_prompt_attack(generator: nn.Module, teacher: nn.Module, pipeline, judge
                              float(sigmas[0]), float(sigmas[-1]))
     soft = SoftPrompt(pipeline, forget, tokens)
     opt = torch.optim.Adam([soft.delta], lr=lr)
-    losses = []
+
+    def attack_loss():
+        return (generator(z_train, soft.embeddings().expand(train_noises, -1, -1)) - target).square().mean()
+
     with frozen(generator):
-        for _ in range(steps + 1):  # the last pass only measures the final loss
-            loss = (generator(z_train, soft.embeddings().expand(train_noises, -1, -1)) - target).square().mean()
-            losses.append(float(loss.detach()))
-            if len(losses) > steps:
-                break
+        for step in range(steps):
+            loss = attack_loss()
+            if step == 0:
+                loss_before = float(loss.detach())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         with torch.no_grad():
+            loss_after = float(attack_loss())
             before = pipeline.decode(generator(z_eval, plain.expand(eval_noises, -1, -1)))
             after = pipeline.decode(generator(z_eval, soft.embeddings().expand(eval_noises, -1, -1)))
     return {"forget": forget, "override": override, "tokens": tokens, "steps": steps, "lr": lr,
             "asr_before": attack_success_rate(before, judge, forget, override),
             "asr_after": attack_success_rate(after, judge, forget, override),
-            "loss_before": losses[0], "loss_after": losses[-1], "eval_noises": eval_noises}
+            "loss_before": loss_before, "loss_after": loss_after, "eval_noises": eval_noises}
 
 
 __all__ = ["SoftPrompt", "soft_prompt_attack", "attack_success_rate"]
