@@ -66,12 +66,12 @@ def stop_requested():
 def run_resilient(state: SFDState, steps: int, *, checkpoint_root: str | Path | None = None,
                   checkpoint_every: int = 0, keep_last: int | None = 3, resume: bool = False,
                   backend: str | None = None, log_every: int = 25,
-                  on_log: Callable[[int, dict[str, float]], None] | None = None, options=None,
+                  on_log: Callable[[int, dict[str, float]], None] | None = None,
                   step_fn: Callable[[SFDState], dict] | None = None) -> RunResult:
     """Train ``state`` until ``state.step == steps`` (a total, so a resumed run ends where planned).
 
-    One iteration is ``step_fn(state)`` (e.g. a robust SFD step), by default
-    ``train_step(state, backend, options)`` (options: StepOptions or a preset name).
+    One iteration is ``step_fn(state)`` (e.g. the fast path or a robust SFD step), by default
+    ``train_step(state, backend)``.
 
     Metrics are reduced across ranks and pulled to the host every ``log_every`` steps, where
     the run is also stopped if updates keep coming out non-finite (``check_health``).
@@ -99,7 +99,7 @@ def run_resilient(state: SFDState, steps: int, *, checkpoint_root: str | Path | 
 
     with stop_requested() as stop:
         while state.step < steps:
-            metrics = step_fn(state) if step_fn is not None else train_step(state, backend, options)
+            metrics = step_fn(state) if step_fn is not None else train_step(state, backend)
             done = state.step == steps
             if state.step % log_every == 0 or done:
                 host = {k: float(v) for k, v in dist_utils.reduce_metrics(metrics).items()}

@@ -109,6 +109,7 @@ def _distill(args) -> int:
     from .faults import NonFiniteError
     from .resilient import run_resilient
     from .robust_sfd import RobustConfig, robust_sfd_step
+    from .step import train_step
     from .t2i_distill import T2I_SFD_CONFIG, T2IOptions, build_t2i_state, save_t2i_generator
     from .t2i_pipeline import load_t2i_pipeline
 
@@ -124,12 +125,12 @@ def _distill(args) -> int:
     spec = _concepts(args)
     if args.log_every < 1:
         raise ValueError(f"--log-every must be >= 1, got {args.log_every}")
-    step_fn = None
-    if args.robust:
-        robust = RobustConfig(inner_steps=args.robust_inner_steps)  # validates before any model is loaded
+    robust = RobustConfig(inner_steps=args.robust_inner_steps) if args.robust else None  # validated early
 
-        def step_fn(state):
+    def step_fn(state):
+        if robust is not None:
             return robust_sfd_step(state, robust, options=args.step_options)
+        return train_step(state, options=args.step_options)
     device = args.device
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one rank per process, DDP
         device = distributed.init_from_env("gloo" if args.device == "cpu" else "nccl")
@@ -151,7 +152,7 @@ def _distill(args) -> int:
             result = run_resilient(state, args.steps, checkpoint_root=checkpoints,
                                    checkpoint_every=args.checkpoint_every, keep_last=args.keep_last,
                                    resume=args.resume, log_every=args.log_every, on_log=on_log,
-                                   options=args.step_options, step_fn=step_fn)
+                                   step_fn=step_fn)
         except NonFiniteError as exc:
             print(f"sfd-fast distill: stopped: {exc}", file=sys.stderr)
             return 3
