@@ -352,3 +352,15 @@ def test_t2i_cli_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["sample", "--help"])
     assert "--prompt" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag,value,message", [("--log-every", "0", "--log-every must be >= 1"),
+                                                ("--robust-inner-steps", "0", "inner_steps >= 1")])
+def test_cli_bad_numbers_are_clear_errors_before_any_model_loads(tmp_path, capsys, flag, value, message):
+    from sfd_fast.cli import main
+
+    extra = ["--robust"] if flag == "--robust-inner-steps" else []
+    code = main(["distill", "--pipeline", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--forget",
+                 "brad pitt", "--override", "a man", "--steps", "1", flag, value, *extra])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -113,3 +113,13 @@ def test_soft_prompt_attack_lowers_its_loss_and_reports_asr(tmp_path, clip_dir):
     assert result["loss_after"] < result["loss_before"] - 1e-3, result
     assert 0 <= result["asr_before"] <= 1 and 0 <= result["asr_after"] <= 1
     assert all(p.grad is None and p.requires_grad for p in generator.parameters())
+
+
+@pytest.mark.parametrize("flag,value", [("--per-prompt", "0"), ("--attack-steps", "-1"), ("--attack-tokens", "0")])
+def test_evaluate_t2i_bad_numbers_are_clear_errors(tmp_path, capsys, flag, value):
+    from sfd_fast.cli import main
+
+    code = main(["evaluate-t2i", "--run", str(tmp_path), "--clip", str(tmp_path), "--out", str(tmp_path / "o"),
+                 flag, value])
+    assert code == 2 and flag in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
