@@ -32,7 +32,7 @@ def cuda_extension():
     ext = CUDAExtension(
         name="sfd_fast._C",
         sources=sources,
-        # Same nvcc flags as the JIT build in sfd_fast/cuda_ext.py. No --use_fast_math: the loss
+        # Same nvcc flags as the JIT build in sfd_fast/core/cuda_ext.py. No --use_fast_math: the loss
         # kernels are memory-bound, and approximate division would move them off the reference.
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
     )

@@ -3,7 +3,7 @@
 Providers side by side (one run, ratios vs "plain"): the optimizer step with no guard
 (``plain``: foreach Adam, the core's original path), the guard with the masked fallback
 (``guarded_masked``: snapshot + torch.where), fused Adam alone (``fused_plain``) and fused Adam
-with its found_inf input (``guarded_fused``, what sfd_fast.faults uses for fused optimizers).
+with its found_inf input (``guarded_fused``, what sfd_fast.core.faults uses for fused optimizers).
 Model: the generator of the "demo" UNet preset (~1M parameters) with random gradients.
 
     python -m pytest bench/bench_faults.py --benchmark-enable --benchmark-json=bench/results/faults-<device>-<date>.json
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sfd_fast import EDMDenoiser, SFDConfig, SFDState, UNetConfig, build_unet
-from sfd_fast.faults import check_finite, guarded_step
+from sfd_fast.core.faults import check_finite, guarded_step
 
 PROVIDERS = ["plain", "guarded_masked", "fused_plain", "guarded_fused"]
 
@@ -56,7 +56,7 @@ def test_optimizer_step(benchmark, provider, bench_device):
 
 @pytest.mark.parametrize("what", ["save", "load"])
 def test_checkpoint(benchmark, what, bench_device, tmp_path):
-    from sfd_fast.checkpoint import load_checkpoint, save_checkpoint
+    from sfd_fast.train.checkpoint import load_checkpoint, save_checkpoint
 
     state = make_state(bench_device, fused=False)
     state.opt_gen.step()

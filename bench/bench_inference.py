@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from sfd_fast import EDMDenoiser, UNetConfig, build_unet
-from sfd_fast.export import OnnxRuntimeRunner, TorchRunner, build_engine, load_runner, tensorrt_available, to_onnx
-from sfd_fast.networks import OneStepGenerator
-from sfd_fast.sampler import edm_heun_sample, heun_nfe
+from sfd_fast.models.networks import OneStepGenerator
+from sfd_fast.models.sampler import edm_heun_sample, heun_nfe
+from sfd_fast.serve import OnnxRuntimeRunner, TorchRunner, build_engine, load_runner, tensorrt_available, to_onnx
 
 PRESET = os.environ.get("SFD_BENCH_PRESET", "tiny")
 BATCHES = {"latency-b1": 1, "throughput-b64": 64}

@@ -3,8 +3,8 @@
     python -m pytest bench/bench_kernels.py --benchmark-enable -s \\
         --benchmark-json=bench/results/kernels-<device>-<date>.json
 
-Providers per kernel and size: "eager" (sfd_fast.losses), "compiled" (torch.compile of the
-same reference), "triton" (sfd_fast.kernels), "cuda" (sfd_fast.cuda_ext, when it loads), and a
+Providers per kernel and size: "eager" (sfd_fast.core.losses), "compiled" (torch.compile of the
+same reference), "triton" (sfd_fast.kernels), "cuda" (sfd_fast.core.cuda_ext, when it loads), and a
 device-to-device "copy" row for the bandwidth ceiling. Triton and CUDA need a GPU: on CPU they
 are skipped (Triton's interpreter times Python, not a kernel).
 
@@ -24,7 +24,7 @@ import os
 import pytest
 import torch
 
-from sfd_fast import losses
+from sfd_fast.core import losses
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("TRITON_INTERPRET=1 is set: timings would measure the interpreter, not kernels",
@@ -59,9 +59,9 @@ def _fused(provider: str):
 
         return (lambda x, yr, yf, w: kernels.sid_generator_loss(x, yr, yf, w, alpha=ALPHA)), kernels.edm_denoising_loss
     try:
-        from sfd_fast import cuda_ext
+        from sfd_fast.core import cuda_ext
     except ImportError as exc:
-        pytest.skip(f"sfd_fast.cuda_ext is not importable: {exc}")
+        pytest.skip(f"sfd_fast.core.cuda_ext is not importable: {exc}")
     ok, why = cuda_ext.available()
     if not ok:
         pytest.skip(f"CUDA extension unavailable: {why}")

@@ -3,7 +3,7 @@
     python -m pytest bench/bench_t2i_step.py --benchmark-enable \
         --benchmark-json=bench/results/t2i_step-<device>-<date>.json
 
-Model: the random SD-style pipeline of ``sfd_fast.t2i_tiny`` ("mid": 16x16x4 latents, 3-level
+Model: the random SD-style pipeline of ``sfd_fast.models.tiny_sd`` ("mid": 16x16x4 latents, 3-level
 UNet2DConditionModel with cross-attention, CLIP text encoder with L=16, D=64), or an SD-size
 folder given in $SFD_FAST_T2I_PIPELINE. Teacher and fake score run CFG (scale 4.5: cond + uncond
 in one UNet call); batch 4 + 4.
@@ -32,12 +32,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sfd_fast import train_step
-from sfd_fast.networks import count_parameters
-from sfd_fast.step_options import StepOptions
-from sfd_fast.t2i_concepts import ConceptSpec
-from sfd_fast.t2i_distill import T2I_SFD_CONFIG, T2IOptions, build_t2i_state
-from sfd_fast.t2i_pipeline import load_t2i_pipeline
-from sfd_fast.t2i_tiny import build_tiny_pipeline
+from sfd_fast.core.prompts import ConceptSpec
+from sfd_fast.core.step_options import StepOptions
+from sfd_fast.models.networks import count_parameters
+from sfd_fast.models.sd_pipeline import load_t2i_pipeline
+from sfd_fast.models.tiny_sd import build_tiny_pipeline
+from sfd_fast.train.text_to_image import T2I_SFD_CONFIG, T2IOptions, build_t2i_state
 
 pytest.importorskip("transformers", reason="text-to-image needs the 'text' extra")
 

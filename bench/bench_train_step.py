@@ -24,8 +24,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sfd_fast import EDMDenoiser, SFDConfig, SFDState, UNetConfig, build_unet, train_step
-from sfd_fast.networks import count_parameters
-from sfd_fast.step_options import StepOptions
+from sfd_fast.core.step_options import StepOptions
+from sfd_fast.models.networks import count_parameters
 
 # ~49M parameters: the "cifar" preset (36M) with 3 resnets per level and attention at 16x16 and 8x8.
 CIFAR_50M = UNetConfig(resolution=32, channels=3, block_out_channels=(128, 256, 256, 256),

@@ -1,7 +1,7 @@
 // Argument checks and operator registration of the fused losses (namespace sfd_fast_C).
 //
 // Every op is registered with TORCH_LIBRARY so torch.compile and CUDA graphs see one opaque
-// op; sfd_fast/cuda_ext.py adds the fake (shape) functions and the autograd formula from
+// op; sfd_fast/core/cuda_ext.py adds the fake (shape) functions and the autograd formula from
 // Python (hence set_python_module). The same checked functions are registered for CPU so a
 // CPU tensor gets "must be a CUDA tensor" instead of the dispatcher's "could not run" error.
 
@@ -121,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor> edm_loss_bwd(
 }  // namespace sfd_fast
 
 TORCH_LIBRARY(sfd_fast_C, m) {
-  m.set_python_module("sfd_fast.cuda_ext");
+  m.set_python_module("sfd_fast.core.cuda_ext");
   m.def("sid_loss_fwd(Tensor x_g, Tensor y_real, Tensor y_fake, Tensor weight, float alpha, "
         "float omega_min) -> (Tensor total, Tensor per_sample, Tensor omega)");
   m.def("sid_loss_bwd(Tensor grad_total, Tensor? grad_per_sample, Tensor x_g, Tensor y_real, "

@@ -1,7 +1,7 @@
 """Triton kernels of sfd_fast (installed as sfd_fast.kernels).
 
 Each fused loss is a ``torch.library`` custom op (forward and backward) with the plain-PyTorch
-reference it must match in ``sfd_fast.losses``. Importing this package needs triton; CPU
+reference it must match in ``sfd_fast.core.losses``. Importing this package needs triton; CPU
 tensors run only when TRITON_INTERPRET=1 was set before the import (see docs/kernels.md).
 """
 

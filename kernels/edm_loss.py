@@ -1,7 +1,7 @@
 """Fused EDM denoising loss (Triton), forward and backward: custom ops ``sfd_fast::edm_loss`` and
 ``sfd_fast::edm_precond_loss`` (the second also fuses the EDM preconditioning epilogue).
 
-Matches ``sfd_fast.losses.edm_denoising_loss``. Per row i of N pixels, e = D - target:
+Matches ``sfd_fast.core.losses.edm_denoising_loss``. Per row i of N pixels, e = D - target:
 
     per_sample_i = sum e^2,   total = sum_{i: finite} w_i per_sample_i
     dLoss/dD = 2 c_i e,   dLoss/dtarget = -2 c_i e,   c_i = g_total w_i + g_per_sample_i (0 on masked rows)
@@ -240,7 +240,7 @@ def _weight_grad(need_w, per_sample, grad_total, weight):
 
 def edm_denoising_loss(denoised: torch.Tensor, target: torch.Tensor,
                        weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused drop-in for ``sfd_fast.losses.edm_denoising_loss``.
+    """Fused drop-in for ``sfd_fast.core.losses.edm_denoising_loss``.
 
     denoised, target: (B, ...) contiguous, one dtype (fp32/bf16/fp16), one device; weight (B,).
     Returns (total fp32 0-d, per_sample fp32 (B,)).

@@ -1,6 +1,6 @@
 """Fused SiD/SFD generator loss (Triton), forward and backward, as the custom op ``sfd_fast::sid_loss``.
 
-Matches ``sfd_fast.losses.sid_generator_loss`` (the reference; see it for the math). Per row i of
+Matches ``sfd_fast.core.losses.sid_generator_loss`` (the reference; see it for the math). Per row i of
 N pixels, with d = y_r - y_f and r = y_r - x_g:
 
     omega_i = max(mean |r|, omega_min)          (a constant for autograd: stopgrad)
@@ -163,7 +163,7 @@ sid_loss_op.register_autograd(_backward, setup_context=_setup_context)
 
 def sid_generator_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Tensor, weight: torch.Tensor, *,
                        alpha: float, omega_min: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused drop-in for ``sfd_fast.losses.sid_generator_loss``.
+    """Fused drop-in for ``sfd_fast.core.losses.sid_generator_loss``.
 
     x_g, y_real, y_fake: (B, ...) contiguous, one dtype (fp32/bf16/fp16), one device (CUDA, or
     CPU under TRITON_INTERPRET=1); weight: (B,). Returns (total fp32 0-d, per_sample fp32 (B,)).

@@ -1,12 +1,14 @@
 """sfd_fast: Score Forgetting Distillation of diffusion models into one-step generators."""
 
-from .config import SFDConfig, UNetConfig
-from .forget import ForgetSpec
-from .networks import (CheckpointError, DDPMDenoiser, EDMDenoiser, OneStepGenerator, build_unet,
-                       load_denoiser, save_denoiser)
-from .state import SFDState
-from .step import train_step
-from .step_options import StepOptions
+from .core.config import SFDConfig
+from .models.unet import UNetConfig
+from .core.forget import ForgetSpec
+from .io.atomic import CheckpointError
+from .models.networks import DDPMDenoiser, EDMDenoiser, OneStepGenerator, load_denoiser, save_denoiser
+from .models.unet import build_unet
+from .core.state import SFDState
+from .core.step import train_step
+from .core.step_options import StepOptions
 
 __version__ = "0.1.0"
 __all__ = [

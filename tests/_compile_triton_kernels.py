@@ -9,10 +9,9 @@ from __future__ import annotations
 import sys
 
 import triton
+from sfd_fast.kernels import _common, edm_loss, sid_loss
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
-from sfd_fast.kernels import _common, edm_loss, sid_loss
 
 PTR = "*{}"
 

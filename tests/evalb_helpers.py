@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sfd_fast.classifier import DigitClassifier
-from sfd_fast.data import load_embedded_mnist
+from sfd_fast.eval.classifier import DigitClassifier
+from sfd_fast.io.data import load_embedded_mnist
 
 RESOLUTION = 8
 

@@ -7,14 +7,14 @@ import copy
 import pytest
 import torch
 
-from sfd_fast.config import SFDConfig
-from sfd_fast.finetune_unlearn import FinetuneConfig, FinetuneUnlearner
-from sfd_fast.forget import ForgetSpec
-from sfd_fast.losses import sfd_sample_weights
-from sfd_fast.robust_sfd import RobustConfig, inner_attack, robust_sfd_step
-from sfd_fast.sid_plain import AllClasses, plain_sid_config, plain_sid_state
-from sfd_fast.state import SFDState
-from sfd_fast.step import train_step
+from sfd_fast.baselines.finetune import FinetuneConfig, FinetuneUnlearner
+from sfd_fast.baselines.robust_sfd import RobustConfig, inner_attack, robust_sfd_step
+from sfd_fast.baselines.sid import AllClasses, plain_sid_config, plain_sid_state
+from sfd_fast.core.config import SFDConfig
+from sfd_fast.core.forget import ForgetSpec
+from sfd_fast.core.losses import sfd_sample_weights
+from sfd_fast.core.state import SFDState
+from sfd_fast.core.step import train_step
 
 TINY = SFDConfig(batch_size=2, forget_batch_size=2, lr_gen=1e-3, lr_fake=1e-3)
 SPEC = ForgetSpec(10, (0,), (1,))

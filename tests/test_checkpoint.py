@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sfd_fast import CheckpointError, SFDConfig, SFDState, train_step
-from sfd_fast.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from sfd_fast.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
 CFG = SFDConfig(batch_size=3, forget_batch_size=2, lr_gen=1e-3, lr_fake=1e-3, ema_halflife_kimg=0.01)
 

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from sfd_fast.cli import build_parser, main
+from sfd_fast.cli.main import build_parser, main
 
 SUBCOMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
 
@@ -46,7 +46,7 @@ def test_distill_missing_teacher_is_a_clear_error(tmp_path, capsys):
 
 def test_distill_and_evaluate_end_to_end_on_tiny(tmp_path, tiny_teacher):
     from sfd_fast import save_denoiser
-    from sfd_fast.classifier import DigitClassifier
+    from sfd_fast.eval.classifier import DigitClassifier
 
     save_denoiser(tiny_teacher, tmp_path / "teacher")
     DigitClassifier().save(tmp_path / "clf.safetensors")  # untrained: only the plumbing is under test
@@ -63,7 +63,7 @@ def test_distill_and_evaluate_end_to_end_on_tiny(tmp_path, tiny_teacher):
 
 
 def test_set_overrides_parse_json_and_name_bad_values():
-    from sfd_fast.config import parse_overrides
+    from sfd_fast.core.config import parse_overrides
 
     assert parse_overrides(["lr_gen=1e-4", "override_classes=null"]) == {"lr_gen": 1e-4, "override_classes": None}
     with pytest.raises(ValueError, match="--set lr_gen: value 'fast' is not JSON"):

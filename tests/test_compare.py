@@ -6,11 +6,11 @@ import csv
 import json
 
 import pytest
-
 from evalb_helpers import small_classifier
-from sfd_fast.cli import main
-from sfd_fast.compare import METHODS, CompareConfig
-from sfd_fast.networks import save_denoiser
+
+from sfd_fast.cli.main import main
+from sfd_fast.eval.compare import METHODS, CompareConfig
+from sfd_fast.models.networks import save_denoiser
 
 
 def test_compare_runs_every_method_and_writes_table_plots_and_grids(tmp_path, tiny_teacher, capsys):
@@ -47,7 +47,7 @@ def test_compare_rejects_unknown_methods():
 
 
 def test_report_marks_missing_values_and_names_the_fid_features():
-    from sfd_fast.compare_report import markdown_table
+    from sfd_fast.eval.report import markdown_table
 
     row = {"method": "sfd", "nfe": 1, "forget_accuracy": 0.1, "override_rate": 0.8, "remain_accuracy": 0.9,
            "fid": 1.5, "fid_features": "inception (ONNX)", "retention_vs_teacher": 0.01, "retention_vs_sid": None,

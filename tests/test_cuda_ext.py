@@ -1,4 +1,4 @@
-"""The CUDA C++ fused losses (csrc/, sfd_fast.cuda_ext) against the reference in sfd_fast.losses.
+"""The CUDA C++ fused losses (csrc/, sfd_fast.core.cuda_ext) against the reference in sfd_fast.core.losses.
 
 Three layers:
 - CPU, always: cuda_ext imports, reports why it is unavailable, validates arguments.
@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sfd_fast import cuda_ext, losses
+from sfd_fast.core import cuda_ext, losses
 
 ALPHA, OMEGA_MIN = 1.2, 1e-5
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from sfd_fast.demo import TEACHER_DIR, run_demo
-from sfd_fast.classifier import CLASSIFIER_FILE, DigitClassifier
-from sfd_fast.data import load_embedded_mnist
+from sfd_fast.cli.demo import TEACHER_DIR, run_demo
+from sfd_fast.eval.classifier import CLASSIFIER_FILE, DigitClassifier
+from sfd_fast.io.data import load_embedded_mnist
 
 REQUIRED = {"forget_accuracy", "override_rate", "remain_accuracy", "teacher_remain_accuracy", "teacher_nfe",
             "steps", "seconds"}

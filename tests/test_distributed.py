@@ -12,9 +12,9 @@ import torch
 import torch.multiprocessing as mp
 
 from sfd_fast import EDMDenoiser, SFDConfig, SFDState, UNetConfig, build_unet, train_step
-from sfd_fast.checkpoint_io import load_tensors, save_tensors
-from sfd_fast.distributed import rank_seed
-from sfd_fast.losses import sfd_sample_weights, sid_generator_loss, edm_denoising_loss
+from sfd_fast.core.losses import edm_denoising_loss, sfd_sample_weights, sid_generator_loss
+from sfd_fast.io.atomic import load_tensors, save_tensors
+from sfd_fast.train.distributed import rank_seed
 
 # No value clipping here: clipping is applied after the cross-rank average, so the thread
 # reference below (which averages in the optimizer's pre-step hook) would see clipped grads.
@@ -30,8 +30,8 @@ def _teacher():
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from sfd_fast import distributed
-    from sfd_fast.checkpoint import load_checkpoint, save_checkpoint
+    from sfd_fast.train import distributed
+    from sfd_fast.train.checkpoint import load_checkpoint, save_checkpoint
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
@@ -144,7 +144,7 @@ def test_global_batch_loss_is_the_mean_of_rank_batch_losses():
 
 
 def test_unsupported_modes_are_refused_clearly(tiny_teacher):
-    from sfd_fast.distributed import distribute_state
+    from sfd_fast.train.distributed import distribute_state
 
     state = SFDState.create(CFG, tiny_teacher)
     with pytest.raises(ValueError, match="unknown distributed mode 'zero3'; allowed: \\('ddp', 'fsdp'\\)"):

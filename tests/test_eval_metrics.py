@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
-
 from evalb_helpers import prototype_generator, real_digits, small_classifier
-from sfd_fast.attack import AttackConfig, AttackTarget, embedding_attack
-from sfd_fast.fid import ClassifierFeatures, OnnxFeatures, fid_between, fid_of_sampler, frechet_distance
-from sfd_fast.forget import ForgetSpec
-from sfd_fast.metrics import unlearning_metrics
-from sfd_fast.retention import perceptual_distance, retention_distance
+
+from sfd_fast.core.forget import ForgetSpec
+from sfd_fast.eval.attack import AttackConfig, AttackTarget, embedding_attack
+from sfd_fast.eval.fid import ClassifierFeatures, OnnxFeatures, fid_between, fid_of_sampler, frechet_distance
+from sfd_fast.eval.metrics import unlearning_metrics
+from sfd_fast.eval.retention import perceptual_distance, retention_distance
 
 SPEC = ForgetSpec(10, (0,), (1,))
 
@@ -86,7 +85,7 @@ def test_embedding_attack_recovers_a_class_hidden_only_in_the_label_embedding():
 
 
 def test_attack_on_a_real_tiny_generator_and_bad_input(tiny_teacher):
-    from sfd_fast.networks import OneStepGenerator
+    from sfd_fast.models.networks import OneStepGenerator
 
     gen = OneStepGenerator(tiny_teacher).eval()
     clf = small_classifier()

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sfd_fast import EDMDenoiser, UNetConfig, build_unet
-from sfd_fast.export import OnnxRuntimeRunner, build_engine, load_runner, tensorrt_available, to_onnx
-from sfd_fast.networks import OneStepGenerator
+from sfd_fast.models.networks import OneStepGenerator
+from sfd_fast.serve import OnnxRuntimeRunner, build_engine, load_runner, tensorrt_available, to_onnx
 
 TOL = 1e-4  # float32 CPU: observed ~5e-7
 

@@ -11,8 +11,8 @@ import sys
 import torch
 
 from sfd_fast import EDMDenoiser, UNetConfig, build_unet
-from sfd_fast.cli import main
-from sfd_fast.networks import OneStepGenerator, save_generator
+from sfd_fast.cli.main import main
+from sfd_fast.models.networks import OneStepGenerator, save_generator
 
 
 def test_export_then_serve_then_sigterm(tmp_path, capsys):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sfd_fast import SFDConfig, SFDState, train_step
-from sfd_fast.step_options import STEP_PRESETS, StepOptions
+from sfd_fast.core.step_options import STEP_PRESETS, StepOptions
 
 CFG = SFDConfig(batch_size=4, forget_batch_size=2)
 CUDA = torch.cuda.is_available()
@@ -177,7 +177,7 @@ def test_cuda_graph_on_cpu_errors_when_required_and_falls_back_when_auto(tiny_te
     state = make_state(tiny_teacher)
     with pytest.raises(RuntimeError, match="cuda_graph='on' was requested but CUDA graphs need a CUDA device"):
         train_step(state, options=StepOptions(fused=True, cuda_graph="on"))
-    with caplog.at_level(logging.INFO, logger="sfd_fast.fast_step"):
+    with caplog.at_level(logging.INFO, logger="sfd_fast.core.fast_step"):
         metrics = train_step(state, options=StepOptions(fused=True, cuda_graph="auto"))
     assert any("cuda_graph: off" in r.getMessage() for r in caplog.records)
     assert torch.isfinite(metrics["loss_gen"])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sfd_fast import SFDConfig, SFDState, train_step
-from sfd_fast.faults import NonFiniteError, check_health
+from sfd_fast.core.faults import NonFiniteError, check_health
 
 CFG = SFDConfig(batch_size=3, forget_batch_size=2, lr_gen=1e-3, lr_fake=1e-3)
 

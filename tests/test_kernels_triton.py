@@ -1,4 +1,4 @@
-"""Triton fused losses vs the references in sfd_fast.losses (CPU: the Triton interpreter).
+"""Triton fused losses vs the references in sfd_fast.core.losses (CPU: the Triton interpreter).
 
 Tolerance rule (flash-attention's): on each output and gradient, the kernel's max error against
 the fp32 reference (run on the same, already-rounded inputs), relative to the reference's max
@@ -23,10 +23,11 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install sfd_fast[triton])")
 
-from sfd_fast import dispatch, losses  # noqa: E402
 from sfd_fast.kernels import INTERPRETED, edm_denoising_loss, edm_precond_denoising_loss, sid_generator_loss  # noqa: E402
 from sfd_fast.kernels.edm_loss import edm_loss_op, edm_precond_loss_op  # noqa: E402
 from sfd_fast.kernels.sid_loss import sid_loss_op  # noqa: E402
+
+from sfd_fast.core import dispatch, losses  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu" and not INTERPRETED:
@@ -266,9 +267,9 @@ def test_dispatch_cpu_rules(caplog, monkeypatch):
 def test_dispatch_auto_on_cuda_logs_fallback_once(caplog, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "sfd_fast.cuda_ext", None)  # as if the extension was never built
+    monkeypatch.setitem(sys.modules, "sfd_fast.core.cuda_ext", None)  # as if the extension was never built
     monkeypatch.setattr(dispatch, "_logged", set())
-    with caplog.at_level("WARNING", logger="sfd_fast.dispatch"):
+    with caplog.at_level("WARNING", logger="sfd_fast.core.dispatch"):
         assert dispatch.resolve_backend("auto", "cuda").name == "triton"
         assert dispatch.resolve_backend("auto", "cuda").name == "triton"
     lines = [r.getMessage() for r in caplog.records]

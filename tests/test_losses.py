@@ -7,8 +7,13 @@ import pytest
 import torch
 
 from sfd_fast import EDMDenoiser, UNetConfig, build_unet
-from sfd_fast.losses import (edm_denoising_loss, edm_loss_weight, sfd_sample_weights, sid_generator_loss,
-                             sid_training_sigma)
+from sfd_fast.core.losses import (
+    edm_denoising_loss,
+    edm_loss_weight,
+    sfd_sample_weights,
+    sid_generator_loss,
+    sid_training_sigma,
+)
 
 
 def _rand(*shape, seed=0):

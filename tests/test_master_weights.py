@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from sfd_fast import SFDConfig
-from sfd_fast.faults import guarded_step
-from sfd_fast.master_weights import MasterWeightAdam, full_precision_params, use_master_weights
+from sfd_fast.core.faults import guarded_step
+from sfd_fast.core.master_weights import MasterWeightAdam, full_precision_params, use_master_weights
 
 ADAM = dict(lr=1e-2, betas=(0.0, 0.999), eps=1e-8)
 

@@ -6,9 +6,17 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from sfd_fast import (CheckpointError, DDPMDenoiser, EDMDenoiser, OneStepGenerator, UNetConfig, build_unet,
-                      load_denoiser, save_denoiser)
-from sfd_fast.networks import load_generator, save_generator
+from sfd_fast import (
+    CheckpointError,
+    DDPMDenoiser,
+    EDMDenoiser,
+    OneStepGenerator,
+    UNetConfig,
+    build_unet,
+    load_denoiser,
+    save_denoiser,
+)
+from sfd_fast.models.networks import load_generator, save_generator
 
 
 def _tiny_ddpm(prediction_type: str):

@@ -13,8 +13,8 @@ import time
 import torch
 
 from sfd_fast import SFDConfig, SFDState, save_denoiser
-from sfd_fast.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from sfd_fast.resilient import run_resilient
+from sfd_fast.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from sfd_fast.train.resilient import run_resilient
 
 CFG = SFDConfig(batch_size=2, forget_batch_size=1, lr_gen=1e-3, lr_fake=1e-3)
 

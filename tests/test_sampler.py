@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from sfd_fast.sampler import edm_heun_sample, edm_sigma_steps, heun_nfe
+from sfd_fast.models.sampler import edm_heun_sample, edm_sigma_steps, heun_nfe
 
 
 class PointMassDenoiser(nn.Module):

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from sfd_fast import EDMDenoiser, UNetConfig, build_unet
-from sfd_fast.export import OnnxRuntimeRunner, to_onnx
-from sfd_fast.networks import OneStepGenerator
-from sfd_fast.serve import GenerationServer
+from sfd_fast.models.networks import OneStepGenerator
+from sfd_fast.serve import OnnxRuntimeRunner, to_onnx
+from sfd_fast.serve.server import GenerationServer
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from sfd_fast import SFDConfig, SFDState, train_step
-from sfd_fast.step import fake_score_step, generator_step
-from sfd_fast import dispatch
+from sfd_fast.core import dispatch
+from sfd_fast.core.step import fake_score_step, generator_step
 
 CONFIG = SFDConfig(batch_size=4, forget_batch_size=2, lr_gen=1e-3, lr_fake=1e-3, lambda_g=1.0, lambda_sg=1.0)
 

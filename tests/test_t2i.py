@@ -10,13 +10,19 @@ import torch
 pytest.importorskip("transformers", reason="text-to-image needs the 'text' extra (transformers)")
 
 from sfd_fast import train_step  # noqa: E402
-from sfd_fast.networks import CheckpointError  # noqa: E402
-from sfd_fast.t2i_concepts import ConceptSpec, PromptConditions, read_prompts  # noqa: E402
-from sfd_fast.t2i_denoiser import LatentDenoiser, sigma_of_timestep  # noqa: E402
-from sfd_fast.t2i_distill import (T2I_SFD_CONFIG, T2IOptions, build_t2i_state, load_t2i_generator,  # noqa: E402
-                                  sample_t2i, save_t2i_generator)
-from sfd_fast.t2i_pipeline import load_t2i_pipeline  # noqa: E402
-from sfd_fast.t2i_tiny import build_tiny_pipeline  # noqa: E402
+from sfd_fast.core.prompts import ConceptSpec, PromptConditions, read_prompts  # noqa: E402
+from sfd_fast.io.atomic import CheckpointError  # noqa: E402
+from sfd_fast.models.latent_denoiser import LatentDenoiser, sigma_of_timestep  # noqa: E402
+from sfd_fast.models.sd_pipeline import load_t2i_pipeline  # noqa: E402
+from sfd_fast.models.tiny_sd import build_tiny_pipeline  # noqa: E402
+from sfd_fast.train.text_to_image import (
+    T2I_SFD_CONFIG,
+    T2IOptions,
+    build_t2i_state,
+    load_t2i_generator,
+    sample_t2i,
+    save_t2i_generator,
+)
 
 SPEC = ConceptSpec.from_substitution("brad pitt", "a middle aged man", ["a cat", "a red car"],
                                      templates=("{}", "a photo of {}"))
@@ -196,8 +202,8 @@ def test_gradient_checkpointing_of_all_three_unets_matches_plain_backward(pipeli
 
 
 def test_bf16_trained_weights_keep_fp32_masters_ema_and_resume(pipeline_dirs, tmp_path):
-    from sfd_fast.checkpoint import load_checkpoint, save_checkpoint
-    from sfd_fast.master_weights import MasterWeightAdam
+    from sfd_fast.core.master_weights import MasterWeightAdam
+    from sfd_fast.train.checkpoint import load_checkpoint, save_checkpoint
 
     options = T2IOptions(trained_precision="bf16")
     state, _ = _run(pipeline_dirs["epsilon"], options, steps=1)
@@ -217,7 +223,7 @@ def test_bf16_trained_weights_keep_fp32_masters_ema_and_resume(pipeline_dirs, tm
 
 
 def test_robust_sfd_on_text_embeddings(pipe):
-    from sfd_fast.robust_sfd import RobustConfig, inner_attack, robust_sfd_step
+    from sfd_fast.baselines.robust_sfd import RobustConfig, inner_attack, robust_sfd_step
 
     state = build_t2i_state(pipe, SPEC, SMALL.replace(lr_gen=1e-4, lr_fake=1e-4))
     cond = state.forget.sample_conditions(0, 2, state.rng, "cpu")
@@ -287,7 +293,7 @@ def test_save_load_and_sample_generator(pipe, pipeline_dirs, tmp_path):
 def test_cli_distill_pipeline_then_sample(pipeline_dirs, tmp_path, capsys):
     from PIL import Image
 
-    from sfd_fast.cli import main
+    from sfd_fast.cli.main import main
 
     out = tmp_path / "run"
     code = main(["distill", "--pipeline", str(pipeline_dirs["epsilon"]), "--out", str(out), "--forget", "brad pitt",
@@ -310,7 +316,7 @@ def test_cli_distill_pipeline_then_sample(pipeline_dirs, tmp_path, capsys):
 def test_cli_checkpoint_and_resume_equal_a_straight_run(pipeline_dirs, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from sfd_fast.cli import main
+    from sfd_fast.cli.main import main
 
     common = ["distill", "--pipeline", str(pipeline_dirs["epsilon"]), "--forget", "brad pitt", "--override",
               "a middle aged man", "--set", "batch_size=1", "--set", "forget_batch_size=1", "--set", "lr_gen=1e-3",
@@ -330,7 +336,7 @@ def test_cli_checkpoint_and_resume_equal_a_straight_run(pipeline_dirs, tmp_path,
 
 
 def test_cli_unpaired_forget_is_a_clear_error(pipeline_dirs, tmp_path, capsys):
-    from sfd_fast.cli import main
+    from sfd_fast.cli.main import main
 
     code = main(["distill", "--pipeline", str(pipeline_dirs["epsilon"]), "--out", str(tmp_path / "o"),
                  "--forget", "brad pitt", "--steps", "1", "--no-progress"])
@@ -340,8 +346,8 @@ def test_cli_unpaired_forget_is_a_clear_error(pipeline_dirs, tmp_path, capsys):
 
 
 def test_t2i_cli_help_documents_every_option(capsys):
-    from sfd_fast.cli import main
-    from sfd_fast.t2i_cli import build_distill_parser
+    from sfd_fast.cli.main import main
+    from sfd_fast.cli.text_to_image import build_distill_parser
 
     with pytest.raises(SystemExit) as exc:
         main(["distill", "--pipeline", "x", "--help"])
@@ -357,7 +363,7 @@ def test_t2i_cli_help_documents_every_option(capsys):
 @pytest.mark.parametrize("flag,value,message", [("--log-every", "0", "--log-every must be >= 1"),
                                                 ("--robust-inner-steps", "0", "inner_steps >= 1")])
 def test_cli_bad_numbers_are_clear_errors_before_any_model_loads(tmp_path, capsys, flag, value, message):
-    from sfd_fast.cli import main
+    from sfd_fast.cli.main import main
 
     extra = ["--robust"] if flag == "--robust-inner-steps" else []
     code = main(["distill", "--pipeline", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--forget",

@@ -13,15 +13,16 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("transformers", reason="text-to-image needs the 'text' extra (transformers)")
 
-from sfd_fast.t2i_tiny import build_tiny_pipeline  # noqa: E402
+from sfd_fast.models.tiny_sd import build_tiny_pipeline  # noqa: E402
 
 
 def _worker(rank: int, world: int, ports: tuple[int, int], pipe_dir: str, out: str) -> None:
-    from sfd_fast import distributed, train_step
-    from sfd_fast.cli import main
-    from sfd_fast.t2i_concepts import ConceptSpec
-    from sfd_fast.t2i_distill import T2I_SFD_CONFIG, T2IOptions, build_t2i_state
-    from sfd_fast.t2i_pipeline import load_t2i_pipeline
+    from sfd_fast import train_step
+    from sfd_fast.cli.main import main
+    from sfd_fast.core.prompts import ConceptSpec
+    from sfd_fast.models.sd_pipeline import load_t2i_pipeline
+    from sfd_fast.train import distributed
+    from sfd_fast.train.text_to_image import T2I_SFD_CONFIG, T2IOptions, build_t2i_state
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]), RANK=str(rank), WORLD_SIZE=str(world))

@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("transformers", reason="text-to-image needs the 'text' extra (transformers)")
 
-from sfd_fast.t2i_evaluate import ClipJudge, override_rate  # noqa: E402
-from sfd_fast.t2i_tiny import build_tiny_clip, build_tiny_pipeline  # noqa: E402
+from sfd_fast.eval.clip_eval import ClipJudge, override_rate  # noqa: E402
+from sfd_fast.models.tiny_sd import build_tiny_clip, build_tiny_pipeline  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_missing_clip_folder_is_a_clear_error(tmp_path):
 def test_cli_distill_then_evaluate_t2i(tmp_path, clip_dir, capsys):
     from PIL import Image
 
-    from sfd_fast.cli import main
+    from sfd_fast.cli.main import main
 
     pipe = build_tiny_pipeline(tmp_path / "pipe")
     remain = tmp_path / "remain.txt"
@@ -79,8 +79,8 @@ def test_cli_distill_then_evaluate_t2i(tmp_path, clip_dir, capsys):
 
 
 def test_soft_prompt_hook_is_exact_and_causal(tmp_path):
-    from sfd_fast.t2i_attack import SoftPrompt
-    from sfd_fast.t2i_pipeline import load_t2i_pipeline
+    from sfd_fast.eval.prompt_attack import SoftPrompt
+    from sfd_fast.models.sd_pipeline import load_t2i_pipeline
 
     pipe = load_t2i_pipeline(build_tiny_pipeline(tmp_path / "pipe"))
     soft = SoftPrompt(pipe, "brad pitt", tokens=3)
@@ -99,10 +99,10 @@ def test_soft_prompt_hook_is_exact_and_causal(tmp_path):
 
 
 def test_soft_prompt_attack_lowers_its_loss_and_reports_asr(tmp_path, clip_dir):
-    from sfd_fast.networks import OneStepGenerator
-    from sfd_fast.t2i_attack import soft_prompt_attack
-    from sfd_fast.t2i_denoiser import LatentDenoiser
-    from sfd_fast.t2i_pipeline import load_t2i_pipeline
+    from sfd_fast.eval.prompt_attack import soft_prompt_attack
+    from sfd_fast.models.latent_denoiser import LatentDenoiser
+    from sfd_fast.models.networks import OneStepGenerator
+    from sfd_fast.models.sd_pipeline import load_t2i_pipeline
 
     pipe = load_t2i_pipeline(build_tiny_pipeline(tmp_path / "pipe"))
     teacher = LatentDenoiser(pipe.unet, pipe.scheduler_config, 2.0, pipe.encode_prompts([""]))
@@ -117,7 +117,7 @@ def test_soft_prompt_attack_lowers_its_loss_and_reports_asr(tmp_path, clip_dir):
 
 @pytest.mark.parametrize("flag,value", [("--per-prompt", "0"), ("--attack-steps", "-1"), ("--attack-tokens", "0")])
 def test_evaluate_t2i_bad_numbers_are_clear_errors(tmp_path, capsys, flag, value):
-    from sfd_fast.cli import main
+    from sfd_fast.cli.main import main
 
     code = main(["evaluate-t2i", "--run", str(tmp_path), "--clip", str(tmp_path), "--out", str(tmp_path / "o"),
                  flag, value])

@@ -11,12 +11,12 @@ pytest.importorskip("transformers", reason="text-to-image needs the 'text' extra
 pytest.importorskip("onnx", reason="ONNX export needs the 'onnx' extra")
 ort = pytest.importorskip("onnxruntime", reason="ONNX export needs the 'onnx' extra")
 
-from sfd_fast.export import to_onnx  # noqa: E402
-from sfd_fast.networks import OneStepGenerator  # noqa: E402
-from sfd_fast.t2i_denoiser import LatentDenoiser  # noqa: E402
-from sfd_fast.t2i_distill import save_t2i_generator  # noqa: E402
-from sfd_fast.t2i_pipeline import load_t2i_pipeline  # noqa: E402
-from sfd_fast.t2i_tiny import build_tiny_pipeline  # noqa: E402
+from sfd_fast.models.latent_denoiser import LatentDenoiser  # noqa: E402
+from sfd_fast.models.networks import OneStepGenerator  # noqa: E402
+from sfd_fast.models.sd_pipeline import load_t2i_pipeline  # noqa: E402
+from sfd_fast.models.tiny_sd import build_tiny_pipeline  # noqa: E402
+from sfd_fast.serve import to_onnx  # noqa: E402
+from sfd_fast.train.text_to_image import save_t2i_generator  # noqa: E402
 
 
 # The library's exporter (to_onnx: dynamic batch, onnxruntime check at batches 1 and 3, <path>.json),
@@ -40,7 +40,7 @@ def test_t2i_generator_onnx_matches_onnxruntime(tmp_path, guidance):
 
 
 def test_cli_exports_a_t2i_generator_folder(tmp_path, capsys):
-    from sfd_fast.cli import main
+    from sfd_fast.cli.main import main
 
     pipe_dir = build_tiny_pipeline(tmp_path / "pipe")
     pipe = load_t2i_pipeline(pipe_dir)

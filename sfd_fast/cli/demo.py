@@ -1,0 +1,77 @@
+"""``sfd-fast demo``: the whole story on the embedded MNIST subset, on a CPU, in minutes.
+
+Load the committed teacher and classifier, run SFD forgetting one class onto an override class,
+evaluate the one-step generator and the teacher's sampler with the classifier, and write
+metrics.json, PNG grids and the generator to ``out``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..eval.classifier import CLASSIFIER_FILE, DigitClassifier
+from ..core.config import SFDConfig
+from ..train.distill import distill
+from ..eval.evaluate import class_grid, evaluate_sampler, teacher_sampler
+from ..io.atomic import write_json
+from ..io.data import ASSETS
+from ..core.forget import ForgetSpec
+from ..models.networks import load_denoiser, save_generator
+
+TEACHER_DIR = ASSETS / "teacher"
+
+# Acceptance of the embedded demo (issue 2): what a passing run prints.
+TARGETS = {"forget_accuracy_max": 0.05, "override_rate_min": 0.80, "remain_gap_max": 0.10}
+
+
+def run_demo(out: str | Path, *, steps: int | None = None, seed: int = 0, forget: tuple[int, ...] = (0,),
+             override: tuple[int, ...] | None = (1,), per_class: int = 100, teacher_steps: int = 18,
+             teacher_dir: str | Path = TEACHER_DIR, classifier_path: str | Path = CLASSIFIER_FILE,
+             device: str = "cpu", progress: bool = True) -> dict:
+    start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    teacher = load_denoiser(teacher_dir, device)
+    classifier = DigitClassifier.load(classifier_path, device)
+    config = SFDConfig.from_name("demo").replace(seed=seed, forget_classes=tuple(forget),
+                                                 override_classes=None if override is None else tuple(override))
+    spec = ForgetSpec.from_config(config, teacher.num_classes)  # validates before any work
+    steps = steps or DEMO_STEPS
+    log = []
+    state = distill(teacher, config, steps, device=device, progress=progress,
+                    on_log=lambda step, m: log.append({"step": step, **m}))
+    generator = state.generator_ema.eval()
+    shape = teacher.image_shape
+    metrics = evaluate_sampler(generator, 1, classifier, spec, shape, per_class=per_class, seed=seed, device=device)
+    t_sampler, t_nfe = teacher_sampler(teacher, teacher_steps)
+    metrics.update(evaluate_sampler(t_sampler, t_nfe, classifier, spec, shape, per_class=per_class, seed=seed,
+                                    prefix="teacher_", device=device))
+    metrics.update({
+        "generator_nfe": 1, "steps": steps, "seconds": time.perf_counter() - start,
+        "forget_classes": list(spec.forget), "override_classes": None if spec.override is None else list(spec.override),
+        "per_class": per_class, "classifier": "embedded DigitClassifier (sfd_fast/assets/classifier.safetensors)",
+        "config": config.to_dict(),
+    })
+    class_grid(generator, teacher.num_classes, 10, shape, out / "samples_generator.png", device=device)
+    class_grid(t_sampler, teacher.num_classes, 10, shape, out / "samples_teacher.png", device=device)
+    save_generator(generator, out / "generator")
+    write_json({"log": log}, out / "train_log.json")
+    metrics["seconds"] = time.perf_counter() - start
+    metrics["passed"] = acceptance(metrics)
+    write_json(metrics, out / "metrics.json")
+    return metrics
+
+
+def acceptance(m: dict) -> dict[str, bool]:
+    return {
+        "forget_accuracy": m["forget_accuracy"] <= TARGETS["forget_accuracy_max"],
+        "override_rate": m["override_rate"] >= TARGETS["override_rate_min"],
+        "remain_accuracy": m["remain_accuracy"] >= m["teacher_remain_accuracy"] - TARGETS["remain_gap_max"],
+    }
+
+
+DEMO_STEPS = 150

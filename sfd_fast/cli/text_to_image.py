@@ -1,0 +1,297 @@
+"""CLI of the text-to-image path: ``sfd-fast distill --pipeline DIR ...`` and ``sfd-fast sample``.
+
+Only parses arguments and builds configs; ``cli.main`` routes here when ``distill`` gets
+``--pipeline`` (its class-label ``--forget`` takes integers, the text one takes prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_REMAIN = ("a photo of a cat", "a landscape painting", "a red car on a street", "a bowl of fruit",
+                  "a woman reading a book", "a man riding a bicycle")
+
+
+def build_distill_parser() -> argparse.ArgumentParser:
+    from .main import add_resilience_args
+    from ..core.step_options import STEP_PRESETS
+
+    p = argparse.ArgumentParser(prog="sfd-fast distill --pipeline", description=(
+        "Text-to-image SFD: distil a local Stable-Diffusion-style pipeline folder into a one-step generator "
+        "that maps each --forget concept to its --override. Modes: substitution over prompt templates "
+        "(default), literal prompt pairs (--literal), or --keywords x --subjects (nudity style)."))
+    p.add_argument("--pipeline", type=Path, required=True, help="diffusers pipeline folder (model_index.json, unet/, ...)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (generator/, config.json, train_log.json)")
+    p.add_argument("--forget", action="append", default=[], metavar="TEXT",
+                   help="concept (or, with --literal, prompt) to forget; repeatable, paired with --override")
+    p.add_argument("--override", action="append", default=[], metavar="TEXT",
+                   help="what replaces the matching --forget, e.g. 'a middle aged man'; repeatable")
+    p.add_argument("--literal", action="store_true", help="use --forget/--override as whole prompts, no templates")
+    p.add_argument("--templates", type=Path, help="file of prompt templates with one '{}' each (default: built-in)")
+    p.add_argument("--keywords", help="comma-separated keywords to erase (keyword mode; also the negative prompt)")
+    p.add_argument("--subjects", help="comma-separated subjects for keyword mode, e.g. 'woman,man'")
+    p.add_argument("--remain-file", type=Path, help="remaining prompts, one per line (default: a built-in list)")
+    p.add_argument("--negative-prompt", default=None, help="CFG negative prompt (default: '' or the keywords)")
+    p.add_argument("--guidance-scale", type=float, default=4.5, help="CFG of teacher and fake score (default: 4.5)")
+    p.add_argument("--generator-guidance-scale", type=float, default=1.0, help="CFG of the generator (default: 1)")
+    p.add_argument("--prompt-drop", type=float, default=0.1, help="fake-score prompt dropout to '' (default: 0.1)")
+    p.add_argument("--teacher-precision", choices=["fp32", "bf16"], default="fp32", help="teacher weight dtype")
+    p.add_argument("--compute-precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: autocast of fake score and generator (weights stay as stored)")
+    p.add_argument("--trained-precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: fake score and generator weights stored in bf16, Adam on fp32 master copies")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute UNet activations of generator, teacher and fake score in backward")
+    p.add_argument("--step-options", choices=sorted(STEP_PRESETS), default="reference",
+                   help="how train_step runs (speed, not math): reference eager, fused (same numbers), "
+                        "bf16 (fused + autocast), fast (everything the device allows); see docs/fast_step.md")
+    p.add_argument("--robust", action="store_true",
+                   help="robust SFD: after each step, an inner attack on the forget prompts' text embeddings and "
+                        "the SFD forget terms at those adversarial embeddings (sfd_fast/baselines/robust_sfd.py)")
+    p.add_argument("--robust-inner-steps", type=int, default=3, help="inner attack steps with --robust (default: 3)")
+    p.add_argument("--steps", type=int, default=100, help="SFD iterations (default: 100)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one SFDConfig field (JSON value) of the text-to-image preset; repeatable")
+    p.add_argument("--log-every", type=int, default=10, help="pull metrics to the host every N steps (default: 10)")
+    add_resilience_args(p, "checkpoints, resume and multi-GPU (bit-exact resume; SIGTERM/SIGINT save and exit; "
+                           "under torchrun every rank trains with DDP, rank 0 writes)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def _concepts(args):
+    from ..core.prompts import DEFAULT_TEMPLATES, ConceptSpec, read_prompts
+
+    remain = read_prompts(args.remain_file) if args.remain_file else DEFAULT_REMAIN
+    if args.keywords or args.subjects:
+        if args.forget or args.override:
+            raise ValueError("give either --keywords/--subjects or --forget/--override, not both")
+        split = [s.strip() for s in (args.keywords or "").split(",") if s.strip()]
+        subjects = [s.strip() for s in (args.subjects or "").split(",") if s.strip()]
+        spec = ConceptSpec.from_keywords(split, subjects, remain)
+    else:
+        if not args.forget or len(args.forget) != len(args.override):
+            raise ValueError(f"--forget {args.forget} and --override {args.override} must be given in pairs "
+                             "(at least one), or use --keywords/--subjects")
+        templates = read_prompts(args.templates) if args.templates else DEFAULT_TEMPLATES
+        if args.literal:
+            spec = ConceptSpec.from_pairs(zip(args.forget, args.override), remain)
+        else:
+            pairs = [ConceptSpec.from_substitution(f, o, remain, templates) for f, o in zip(args.forget, args.override)]
+            spec = ConceptSpec(sum((s.forget for s in pairs), ()), sum((s.override for s in pairs), ()), remain)
+    if args.negative_prompt is not None:
+        spec = ConceptSpec(spec.forget, spec.override, spec.remain, args.negative_prompt)
+    return spec
+
+
+def run_distill(argv: list[str]) -> int:
+    args = build_distill_parser().parse_args(argv)
+    try:
+        return _distill(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"sfd-fast distill: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _distill(args) -> int:
+    import os
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..train import distributed
+    from ..core.config import SFDConfig, parse_overrides
+    from ..io.atomic import write_json
+    from ..core.faults import NonFiniteError
+    from ..train.resilient import run_resilient
+    from ..baselines.robust_sfd import RobustConfig, robust_sfd_step
+    from ..core.step import train_step
+    from ..train.text_to_image import T2I_SFD_CONFIG, T2IOptions, build_t2i_state, save_t2i_generator
+    from ..models.sd_pipeline import load_t2i_pipeline
+
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    config = T2I_SFD_CONFIG.to_dict()
+    config.update(parse_overrides(args.set))
+    config = SFDConfig.from_dict({**config, "seed": args.seed})
+    options = T2IOptions(guidance_scale=args.guidance_scale, generator_guidance_scale=args.generator_guidance_scale,
+                         prompt_drop=args.prompt_drop, teacher_precision=args.teacher_precision,
+                         compute_precision=args.compute_precision, trained_precision=args.trained_precision,
+                         gradient_checkpointing=args.gradient_checkpointing)
+    spec = _concepts(args)
+    if args.log_every < 1:
+        raise ValueError(f"--log-every must be >= 1, got {args.log_every}")
+    robust = RobustConfig(inner_steps=args.robust_inner_steps) if args.robust else None  # validated early
+
+    def step_fn(state):
+        if robust is not None:
+            return robust_sfd_step(state, robust, options=args.step_options)
+        return train_step(state, options=args.step_options)
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one rank per process, DDP
+        device = distributed.init_from_env("gloo" if args.device == "cpu" else "nccl")
+    state = None
+    try:
+        main = distributed.is_main()
+        torch.manual_seed(args.seed)
+        state = build_t2i_state(load_t2i_pipeline(args.pipeline, device), spec, config, options, device)
+        distributed.distribute_state(state, "ddp")
+        checkpoints = args.checkpoint_dir or (args.out / "checkpoints"
+                                              if args.checkpoint_every or args.resume else None)
+        bar = tqdm(total=args.steps, desc="sfd-t2i", disable=args.no_progress or not main)
+
+        def on_log(step, metrics):  # every --log-every steps (one host sync there, none in between)
+            bar.update(step - bar.n)
+            bar.set_postfix(loss_gen=f"{metrics['loss_gen']:.4g}", loss_fake=f"{metrics['loss_fake']:.4g}")
+
+        try:
+            result = run_resilient(state, args.steps, checkpoint_root=checkpoints,
+                                   checkpoint_every=args.checkpoint_every, keep_last=args.keep_last,
+                                   resume=args.resume, log_every=args.log_every, on_log=on_log,
+                                   step_fn=step_fn)
+        except NonFiniteError as exc:
+            print(f"sfd-fast distill: stopped: {exc}", file=sys.stderr)
+            return 3
+        finally:
+            bar.close()
+        if not main:
+            return 0
+        if result.report_start_and_stop():
+            return 0
+        args.out.mkdir(parents=True, exist_ok=True)
+        save_t2i_generator(state.generator_ema, args.pipeline, args.out / "generator", spec.negative_prompt)
+        write_json({"sfd": config.to_dict(), "t2i": vars(options), "step_options": args.step_options,
+                    "robust": {"inner_steps": args.robust_inner_steps} if args.robust else None,
+                    "world_size": distributed.world_size(), "pipeline": str(args.pipeline.resolve()),
+                    "forget": list(spec.forget), "override": list(spec.override), "remain": list(spec.remain),
+                    "negative_prompt": spec.negative_prompt}, args.out / "config.json")
+        write_json({"log": result.log}, args.out / "train_log.json")
+        print(f"saved generator to {args.out / 'generator'}")
+        return 0
+    finally:
+        distributed.shutdown(state)
+
+
+def add_sample_parser(sub) -> None:
+    p = sub.add_parser("sample", help="one-step text-to-image samples from a distilled generator (PNG)",
+                       description="Generate images for each --prompt with a generator written by "
+                                   "`sfd-fast distill --pipeline` (one network call, then the VAE decode).")
+    p.add_argument("--generator", type=Path, required=True, help="generator folder (…/generator)")
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="prompt; repeatable")
+    p.add_argument("--num", type=int, default=4, help="images per prompt (default: 4)")
+    p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid, one row per prompt")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="accepted for symmetry; sampling shows no bar")
+
+
+def run_sample(args) -> int:
+    from ..io.images import save_grid
+    from ..train.text_to_image import load_t2i_generator, sample_t2i
+
+    if args.num < 1:
+        raise ValueError(f"--num must be >= 1, got {args.num}")
+    generator, pipeline = load_t2i_generator(args.generator, args.device)
+    prompts = [p for p in args.prompt for _ in range(args.num)]
+    images = sample_t2i(generator, pipeline, prompts, seed=args.seed)
+    save_grid(images, args.num, args.out)
+    print(f"wrote {args.out} ({len(args.prompt)} prompts x {args.num} images, NFE 1)")
+    return 0
+
+
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate-t2i", help="CLIP-scored forgetting metrics of a text-to-image run (JSON, grids)",
+                       description="Score the generator of a `sfd-fast distill --pipeline` run and its teacher "
+                                   "(Heun sampler) with a local CLIP model: override rate of forget prompts (closer "
+                                   "to the override text than to the forget text), CLIP scores, and retention on "
+                                   "remain prompts. Writes metrics.json and one sample grid per sampler.")
+    p.add_argument("--run", type=Path, required=True, help="output folder of `distill --pipeline` (config.json, generator/)")
+    p.add_argument("--clip", type=Path, required=True,
+                   help="local transformers CLIPModel folder with its tokenizer (safetensors), e.g. a saved "
+                        "openai/clip-vit-large-patch14")
+    p.add_argument("--out", type=Path, required=True, help="folder for metrics.json and the PNG grids")
+    p.add_argument("--pipeline", type=Path, default=None,
+                   help="the teacher's pipeline folder (default: the one recorded in the run's config.json)")
+    p.add_argument("--per-prompt", type=int, default=4, help="images per prompt and sampler (default: 4)")
+    p.add_argument("--teacher-steps", type=int, default=25,
+                   help="Heun steps of the teacher sampler; NFE = 2*steps-1 (default: 25)")
+    p.add_argument("--max-forget", type=int, default=8, help="score at most this many forget prompts (default: 8)")
+    p.add_argument("--max-remain", type=int, default=8, help="score at most this many remain prompts (default: 8)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per network call (default: 16)")
+    p.add_argument("--attack-steps", type=int, default=30,
+                   help="Adam steps of the soft-prompt attack on each scored forget prompt; 0 skips it (default: 30)")
+    p.add_argument("--attack-tokens", type=int, default=4, help="learned soft tokens per attacked prompt (default: 4)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed, shared by both samplers (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide the attack's progress bar")
+
+
+def run_evaluate(args) -> int:
+    import json
+
+    import torch
+
+    from ..io.atomic import write_json
+    from ..io.images import save_grid
+    from ..models.latent_denoiser import LatentDenoiser
+    from ..train.text_to_image import load_t2i_generator
+    from tqdm.auto import tqdm
+
+    from ..eval.prompt_attack import soft_prompt_attack
+    from ..eval.clip_eval import ClipJudge, evaluate_t2i
+    from ..models.sd_pipeline import load_t2i_pipeline
+
+    if args.attack_steps < 0:
+        raise ValueError(f"--attack-steps must be >= 0, got {args.attack_steps}")
+    for name in ("per_prompt", "teacher_steps", "max_forget", "max_remain", "batch_size", "attack_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    config_file = args.run / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(config_file)!r} not found: --run must be the --out folder of "
+                                "`sfd-fast distill --pipeline`")
+    run = json.loads(config_file.read_text())
+    pipeline_dir = args.pipeline or Path(run["pipeline"])
+    judge = ClipJudge(args.clip, args.device)
+    generator, _ = load_t2i_generator(args.run / "generator", args.device)
+    pipeline = load_t2i_pipeline(pipeline_dir, args.device)
+    guidance = run["t2i"]["guidance_scale"]
+    negative = pipeline.encode_prompts([run["negative_prompt"]]) if guidance != 1 else None
+    teacher = LatentDenoiser(pipeline.unet, pipeline.scheduler_config, guidance, negative).to(args.device)
+    forget, override = run["forget"][:args.max_forget], run["override"][:args.max_forget]
+    remain = run["remain"][:args.max_remain]
+    torch.manual_seed(args.seed)
+    metrics, images = evaluate_t2i(generator, teacher, pipeline, judge, forget, override, remain,
+                                   per_prompt=args.per_prompt, teacher_steps=args.teacher_steps, seed=args.seed,
+                                   batch_size=args.batch_size)
+    if args.attack_steps > 0:  # AdvUnlearn-style soft-prompt attack on the generator, ASR by the CLIP judge
+        attacks = [soft_prompt_attack(generator, teacher, pipeline, judge, f, o, tokens=args.attack_tokens,
+                                      steps=args.attack_steps, teacher_steps=args.teacher_steps, seed=args.seed)
+                   for f, o in tqdm(list(zip(forget, override)), desc="attack", disable=args.no_progress)]
+        metrics["attack"] = {"asr_before": sum(a["asr_before"] for a in attacks) / len(attacks),
+                             "asr_after": sum(a["asr_after"] for a in attacks) / len(attacks),
+                             "per_prompt": attacks}
+    metrics.update(run=str(args.run), pipeline=str(pipeline_dir), forget=forget, override=override, remain=remain)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, imgs in images.items():
+        save_grid(imgs, args.per_prompt, args.out / f"samples_{name}.png")  # forget rows, then remain rows
+    write_json(metrics, args.out / "metrics.json")
+    for name in ("generator", "teacher"):
+        m = metrics[name]
+        print(f"{name:9s} (NFE {metrics['nfe'][name]:>2}): override_rate={m['override_rate']:.3f} "
+              f"forget_clip={m['forget_clip_score']:.2f} override_clip={m['override_clip_score']:.2f} "
+              f"remain_clip={m['remain_clip_score']:.2f}")
+    print(f"retention (CLIP image distance to the teacher, remain prompts): {metrics['retention_clip_distance']:.4f}")
+    if "attack" in metrics:
+        print(f"soft-prompt attack on the generator: ASR {metrics['attack']['asr_before']:.3f} before, "
+              f"{metrics['attack']['asr_after']:.3f} after")
+    print(f"wrote {args.out / 'metrics.json'}, samples_generator.png, samples_teacher.png")
+    return 0
+
+
+__all__ = ["build_distill_parser", "run_distill", "add_sample_parser", "run_sample", "add_evaluate_parser",
+           "run_evaluate", "DEFAULT_REMAIN"]

@@ -1,0 +1,162 @@
+"""Non-finite loss/gradient handling: skip (and count) the update, or raise; stop runaway runs.
+
+``train_step`` calls ``check_finite`` after ``backward()`` (before grads are sanitised) and
+``guarded_step`` in place of ``optimizer.step()``. Under the "skip" policy nothing syncs with
+the host: the finite flag stays on the device and the update is made a no-op by
+
+- fused Adam/AdamW: the optimizer's own ``found_inf`` input (the mechanism ``GradScaler``
+  uses; the kernel leaves params, moments and step count untouched), no copies;
+- any other optimizer: a snapshot of params and optimizer state, restored with ``torch.where``
+  (one extra copy of params + state per step; use ``fused=True`` Adam for large models).
+
+The "raise" policy reads the flag on the host: one sync per optimizer step, by request.
+Runs that keep failing are stopped by ``check_health`` (a host read the caller makes when it
+syncs anyway: at log and checkpoint time), from a device-side "worst streak" counter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+from . import ranks
+
+POLICIES = ("skip", "raise")
+OPTIMIZER_NAMES = ("fake", "gen")
+
+
+class NonFiniteError(RuntimeError):
+    """A loss or gradient was NaN/inf and the policy says raise, or too many steps in a row were."""
+
+
+@dataclass
+class FaultMonitor:
+    """Device-side counters: skipped updates per optimizer, current and worst non-finite streak."""
+
+    skipped: dict[str, torch.Tensor] = field(default_factory=dict)
+    streak: dict[str, torch.Tensor] = field(default_factory=dict)
+    worst_streak: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, device: torch.device) -> "FaultMonitor":
+        def zeros():
+            return {n: torch.zeros((), dtype=torch.int64, device=device) for n in OPTIMIZER_NAMES}
+        return cls(zeros(), zeros(), zeros())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat name -> 0-d tensor view, for checkpoints."""
+        return {f"{kind}/{n}": getattr(self, kind)[n] for kind in ("skipped", "streak", "worst_streak")
+                for n in OPTIMIZER_NAMES}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, value in tensors.items():
+            kind, name = key.split("/")
+            getattr(self, kind)[name].copy_(value)
+
+
+def monitor(state) -> FaultMonitor:
+    """The state's FaultMonitor, created on first use (kept beside the SFDState's fields)."""
+    found = state.__dict__.get("faults")
+    if found is None:
+        found = state.__dict__["faults"] = FaultMonitor.create(state.device)
+    return found
+
+
+def check_finite(loss: torch.Tensor, params: Iterable[torch.Tensor]) -> torch.Tensor:
+    """0-d bool tensor: the loss and every gradient of ``params`` are finite, on every rank.
+
+    No host sync. In a distributed run this is a collective (all ranks call it together).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    found_inf = (~torch.isfinite(loss.detach())).float().reshape(())
+    if grads:
+        # GradScaler's fused check (one pass over all grads); scale 1 leaves them unchanged.
+        grad_inf = torch.zeros((), device=grads[0].device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, grad_inf, torch.ones((), device=grads[0].device))
+        found_inf = found_inf.to(grad_inf.device) + grad_inf
+    if ranks.is_initialized():
+        # Grads are already all-reduced by DDP, but the loss is per rank: agree, so that every
+        # rank skips the same updates (a device-side collective, no host sync).
+        device = found_inf.device
+        found_inf = found_inf.to(ranks.comm_device())
+        torch.distributed.all_reduce(found_inf)
+        found_inf = found_inf.to(device)
+    return found_inf == 0
+
+
+def guarded_step(state, name: str, optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``optimizer.step()`` if ``finite`` else a no-op, per ``state.config.nonfinite_policy``.
+
+    Returns metrics (0-d tensors): ``skipped_<name>`` (total so far) and ``nonfinite_streak``.
+    Policy "sanitize" is the reference code's behaviour: the gradients were already passed
+    through nan_to_num, so the update is applied anyway; the counters then count the
+    non-finite updates that were applied rather than skipped.
+    """
+    if name not in OPTIMIZER_NAMES:
+        raise ValueError(f"unknown optimizer name {name!r}; allowed: {OPTIMIZER_NAMES}")
+    policy = getattr(state.config, "nonfinite_policy", "skip")
+    mon = monitor(state)
+    if policy == "raise" and not bool(finite):  # the requested sync
+        raise NonFiniteError(f"non-finite {name} loss or gradient at step {state.step} "
+                             "(nonfinite_policy='raise'; use 'skip' to skip and count such steps)")
+    if policy == "sanitize":
+        optimizer.step()
+    elif getattr(optimizer, "defaults", {}).get("fused"):
+        optimizer.found_inf = (~finite).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    else:
+        _masked_step(optimizer, finite)
+    bad = (~finite).long()
+    mon.skipped[name].add_(bad)
+    mon.streak[name].add_(1).mul_(bad)  # +1 on a skipped update, back to 0 on a good one
+    torch.maximum(mon.worst_streak[name], mon.streak[name], out=mon.worst_streak[name])
+    return {f"skipped_{name}": mon.skipped[name].clone(), f"nonfinite_streak_{name}": mon.streak[name].clone()}
+
+
+def _masked_step(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """Step any optimizer, then put params and state back where ``finite`` is False."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    old_params = [p.detach().clone() for p in params]
+    old_state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}
+                 for p in params if p in optimizer.state}
+    optimizer.step()
+    with torch.no_grad():
+        for p, old in zip(params, old_params):
+            p.copy_(torch.where(finite, p, old))
+        for p in params:
+            before = old_state.get(id(p), {})
+            for k, v in optimizer.state[p].items():
+                if torch.is_tensor(v):
+                    # Lazily created state was zero before the first step (Adam's init).
+                    old = before.get(k, torch.zeros_like(v))
+                    v.copy_(torch.where(finite.to(v.device), v, old))
+    # Optimizers over fp32 master copies (master_weights.MasterWeightAdam) hold the masters in
+    # param_groups: re-round the restored masters into the module's low-precision weights.
+    sync = getattr(optimizer, "copy_masters_to_model", None)
+    if sync is not None:
+        sync()
+
+
+def check_health(state, max_consecutive: int | None = None) -> None:
+    """Raise NonFiniteError if some optimizer skipped ``max_consecutive`` steps in a row.
+
+    One host read; call it where the loop syncs anyway (logging, checkpointing).
+    """
+    limit = max_consecutive if max_consecutive is not None else getattr(
+        state.config, "max_consecutive_nonfinite", None)
+    if not limit:
+        return
+    mon = monitor(state)
+    worst = {n: int(t) for n, t in mon.worst_streak.items()}
+    for name, streak in worst.items():
+        if streak >= limit:
+            raise NonFiniteError(
+                f"{streak} consecutive {name} updates had a non-finite loss or gradient (limit "
+                f"max_consecutive_nonfinite={limit}); stopping at step {state.step}. Lower the learning rate, "
+                f"check the teacher for NaN outputs, or resume from an earlier checkpoint. Skipped so far: "
+                f"{ {n: int(t) for n, t in mon.skipped.items()} }")

@@ -1,0 +1,1 @@
+"""Did it forget, and what did it keep: classifier/CLIP metrics, FID, retention, attacks, the comparison."""

@@ -1,0 +1,100 @@
+"""The diffusers UNet2DModel behind every class-conditional denoiser: shape config, presets, builder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Shape of the diffusers ``UNet2DModel`` behind every denoiser (teacher, fake score, G)."""
+
+    resolution: int = 16                    # image side in pixels
+    channels: int = 1                       # image channels
+    num_classes: int = 10                   # class-conditioning vocabulary (nn.Embedding)
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # channels per resolution level
+    attention_levels: tuple[bool, ...] = (False, False, True)  # self-attention per down block
+    layers_per_block: int = 1               # resnet blocks per level
+    norm_num_groups: int = 8                # GroupNorm groups
+    attention_head_dim: int = 32            # channels per attention head
+    dropout: float = 0.0                    # SiD trains G and fake score without dropout
+
+    def __post_init__(self) -> None:
+        _check(len(self.block_out_channels) == len(self.attention_levels),
+               f"attention_levels has {len(self.attention_levels)} entries but "
+               f"block_out_channels has {len(self.block_out_channels)}; they must match")
+        down = 2 ** (len(self.block_out_channels) - 1)
+        _check(self.resolution % down == 0,
+               f"resolution {self.resolution} must be divisible by {down} "
+               f"({len(self.block_out_channels)} levels halve it {len(self.block_out_channels) - 1} times)")
+        _check(self.num_classes >= 2, f"num_classes must be >= 2, got {self.num_classes}")
+        _check(all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+               f"every entry of block_out_channels {self.block_out_channels} must be divisible "
+               f"by norm_num_groups={self.norm_num_groups}")
+
+    @classmethod
+    def from_name(cls, name: str) -> "UNetConfig":
+        try:
+            return UNET_PRESETS[name]
+        except KeyError:
+            raise ValueError(f"unknown UNet preset {name!r}; known: {sorted(UNET_PRESETS)}") from None
+
+
+UNET_PRESETS: dict[str, UNetConfig] = {
+    # Unit tests: a few thousand parameters, 8x8 images.
+    "tiny": UNetConfig(resolution=8, block_out_channels=(16, 32), attention_levels=(False, True),
+                       attention_head_dim=16),
+    # The embedded CPU demo: 16x16 MNIST, ~1M parameters.
+    "demo": UNetConfig(),
+    # GPU benchmark scale: CIFAR-10-like 32x32 RGB, ~50M parameters (EDM DDPM++ ballpark).
+    "cifar": UNetConfig(resolution=32, channels=3, block_out_channels=(128, 256, 256, 256),
+                        attention_levels=(False, True, False, False), layers_per_block=2,
+                        norm_num_groups=32, attention_head_dim=64),
+}
+
+
+class LabelOrVectorEmbedding(nn.Embedding):
+    """``nn.Embedding`` that passes float inputs through, so c may be labels or embeddings.
+
+    Same parameter name and shape as diffusers' class embedding, so checkpoints are unchanged.
+    """
+
+    def forward(self, c: torch.Tensor) -> torch.Tensor:
+        return c if c.is_floating_point() else super().forward(c)
+
+
+def _require_class_conditioning(unet: nn.Module, where: str = "the UNet") -> None:
+    config = unet.config
+    if getattr(unet, "class_embedding", None) is None or config.get("num_class_embeds") is None:
+        raise ValueError(
+            f"{where} has no class conditioning (config num_class_embeds="
+            f"{config.get('num_class_embeds')!r}, class_embed_type={config.get('class_embed_type')!r}); "
+            "SFD needs a class-conditional model: build it with num_class_embeds=<number of classes>")
+    if not isinstance(unet.class_embedding, LabelOrVectorEmbedding):
+        old = unet.class_embedding
+        new = LabelOrVectorEmbedding(old.num_embeddings, old.embedding_dim,
+                                     device=old.weight.device, dtype=old.weight.dtype)
+        new.weight = old.weight
+        unet.class_embedding = new
+
+
+def build_unet(config: UNetConfig):
+    """A fresh class-conditional diffusers ``UNet2DModel`` with the given shape."""
+    from diffusers import UNet2DModel
+
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(config.attention_levels))
+    return UNet2DModel(
+        sample_size=config.resolution, in_channels=config.channels, out_channels=config.channels,
+        block_out_channels=config.block_out_channels, down_block_types=down, up_block_types=up,
+        layers_per_block=config.layers_per_block, norm_num_groups=config.norm_num_groups,
+        attention_head_dim=config.attention_head_dim, num_class_embeds=config.num_classes,
+        dropout=config.dropout)

@@ -1,0 +1,1 @@
+"""Long runs around train_step: the distill loop, checkpoints, resume, distributed, teacher pretraining."""

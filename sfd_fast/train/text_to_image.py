@@ -1,0 +1,150 @@
+"""SFD on a latent text-to-image model: build the state, run the shared ``train_step``, save/load G.
+
+The three networks are ``LatentDenoiser`` copies of the pipeline's UNet; the teacher and the fake
+score evaluate with CFG (scale ``guidance_scale``, negative prompt = ConceptSpec.negative_prompt),
+the generator G(z, text) = D(sigma_init z, sigma_init, text) with its own (default: no) guidance.
+One CFG scale per network: the fake score trains and evaluates with the same scale (SiD-LSG's
+kappa_train_fake = kappa_eval_fake). VAE and text encoder are never trained; latents are decoded
+only for samples.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..core.config import SFDConfig
+from ..core.master_weights import use_master_weights
+from ..core.prompts import ConceptSpec, PromptConditions
+from ..core.state import SFDState
+from ..io.atomic import CheckpointError
+from ..models.latent_denoiser import LatentDenoiser
+from ..models.networks import OneStepGenerator, _replace_dir
+from ..models.sd_pipeline import PIPELINE_PARTS, T2IPipeline, load_t2i_pipeline
+
+GENERATOR_META = "sfd_fast.json"
+T2I_GENERATOR_ROLE = "t2i_one_step_generator"  # the sidecar's "role" (class generators share the file name)
+
+# SPEC section 3, text-to-image run: alpha 1, lambda_sg = lambda_g = 1, batch 8, lr_G 1e-6, lr_psi 3e-6.
+T2I_SFD_CONFIG = SFDConfig(alpha=1.0, lambda_sg=1.0, lambda_g=1.0, batch_size=4, forget_batch_size=4,
+                           lr_gen=1e-6, lr_fake=3e-6)
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class T2IOptions:
+    """Text-to-image specifics of one run (everything else is in SFDConfig)."""
+
+    guidance_scale: float = 4.5            # CFG scale of teacher and fake score (SPEC section 3)
+    generator_guidance_scale: float = 1.0  # CFG of G itself; 1 = one UNet call per sample
+    prompt_drop: float = 0.1               # share of fake-score training prompts dropped to ""
+    teacher_precision: str = "fp32"        # "bf16": frozen teacher weights stored in bf16 (half the memory)
+    compute_precision: str = "fp32"        # "bf16": autocast of fake score and G (weights stay as stored)
+    trained_precision: str = "fp32"        # "bf16": fake score and G weights stored in bf16, Adam on fp32 masters
+    gradient_checkpointing: bool = False   # recompute UNet activations of G, teacher and fake score in backward
+
+    def __post_init__(self) -> None:
+        for name in ("teacher_precision", "compute_precision", "trained_precision"):
+            if getattr(self, name) not in PRECISIONS:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; choose one of {PRECISIONS}")
+        if self.guidance_scale < 1 or self.generator_guidance_scale < 1:
+            raise ValueError(f"guidance scales must be >= 1, got guidance_scale={self.guidance_scale}, "
+                             f"generator_guidance_scale={self.generator_guidance_scale}")
+
+
+def build_t2i_state(pipeline: T2IPipeline, spec: ConceptSpec, config: SFDConfig = T2I_SFD_CONFIG,
+                    options: T2IOptions = T2IOptions(), device: str | torch.device | None = None) -> SFDState:
+    """SFDState whose three networks are LatentDenoisers over ``pipeline.unet`` and copies of it.
+
+    The teacher *is* ``pipeline.unet`` (no extra copy at SD size): the state takes it over, and
+    the memory options below change it in place; load the pipeline again for another state.
+    """
+    device = torch.device(device) if device is not None else pipeline.device
+    conditions = PromptConditions.encode(spec, pipeline, options.prompt_drop).to(device)
+    teacher = LatentDenoiser(pipeline.unet, pipeline.scheduler_config, options.guidance_scale, conditions.negative)
+    state = SFDState.create(config, teacher, device, conditions=conditions)
+    bf16 = torch.bfloat16
+    if options.teacher_precision == "bf16":
+        state.teacher.unet.to(bf16)  # frozen and optimizer-free: no fp32 copy is needed
+    if options.trained_precision == "bf16":
+        # UNet weights only: the denoisers' sigma tables (buffers) stay fp32. The EMA stays fp32
+        # and averages the masters.
+        state.opt_fake = use_master_weights(state.fake.unet, state.opt_fake, bf16)
+        state.opt_gen = use_master_weights(state.generator.denoiser.unet, state.opt_gen, bf16)
+    for net in (state.fake, state.generator.denoiser):
+        net.compute_dtype = bf16 if options.compute_precision == "bf16" else None
+    if options.gradient_checkpointing:
+        for net in (state.generator.denoiser, state.teacher, state.fake):
+            net.unet.enable_gradient_checkpointing()
+    for g in (state.generator.denoiser, state.generator_ema.denoiser):
+        g.set_guidance(options.generator_guidance_scale)
+    return state
+
+
+def save_t2i_generator(generator: OneStepGenerator, pipeline_dir: str | os.PathLike, out: str | os.PathLike,
+                       negative_prompt: str = "") -> Path:
+    """A pipeline folder whose unet/ is G's (VAE, text encoder, tokenizer copied), plus G's sidecar JSON."""
+    pipeline_dir, out = Path(pipeline_dir), Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        shutil.copy2(pipeline_dir / "model_index.json", tmp / "model_index.json")
+        for part in PIPELINE_PARTS:
+            if part != "unet":
+                shutil.copytree(pipeline_dir / part, tmp / part)
+        denoiser = generator.denoiser
+        denoiser.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        meta = {"role": T2I_GENERATOR_ROLE, "sigma_init": generator.sigma_init,
+                "guidance_scale": denoiser.guidance_scale, "negative_prompt": negative_prompt}
+        (tmp / GENERATOR_META).write_text(json.dumps(meta, indent=2))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _generator_meta(path: str | os.PathLike) -> dict:
+    try:
+        return json.loads((Path(path) / GENERATOR_META).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def is_t2i_generator(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder written by ``save_t2i_generator``."""
+    return _generator_meta(path).get("role") == T2I_GENERATOR_ROLE
+
+
+def load_t2i_generator(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(OneStepGenerator over a LatentDenoiser, its T2IPipeline) from a ``save_t2i_generator`` folder."""
+    meta = _generator_meta(path)
+    if meta.get("role") != T2I_GENERATOR_ROLE:
+        raise CheckpointError(f"{str(path)!r} is not a text-to-image one-step generator folder (written by "
+                              "`sfd-fast distill --pipeline`)")
+    pipeline = load_t2i_pipeline(path, device)
+    negative = pipeline.encode_prompts([meta["negative_prompt"]]) if meta["guidance_scale"] != 1 else None
+    denoiser = LatentDenoiser(pipeline.unet, pipeline.scheduler_config, meta["guidance_scale"], negative)
+    return OneStepGenerator(denoiser, meta["sigma_init"]).to(device).eval(), pipeline
+
+
+@torch.no_grad()
+def sample_t2i(generator: OneStepGenerator, pipeline: T2IPipeline, prompts: list[str], seed: int = 0) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1]: one generator call per prompt batch, then the VAE decode."""
+    device = next(generator.parameters()).device
+    emb = pipeline.encode_prompts(prompts).to(device)
+    rng = torch.Generator(device=device).manual_seed(seed)
+    z = torch.randn((len(prompts), *generator.denoiser.image_shape), generator=rng, device=device)
+    return pipeline.decode(generator(z, emb))
+
+
+__all__ = ["T2IOptions", "T2I_SFD_CONFIG", "build_t2i_state", "save_t2i_generator", "load_t2i_generator",
+           "is_t2i_generator",
+           "sample_t2i"]
