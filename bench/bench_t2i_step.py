@@ -9,8 +9,8 @@ folder given in $SFD_FAST_T2I_PIPELINE. Teacher and fake score run CFG (scale 4.
 in one UNet call); batch 4 + 4.
 
 Providers, each (T2IOptions, train_step options):
-  reference_fp32             fp32 weights and compute, reference eager step (step.py)
-  fused_fp32                 the fast path (fast_step.py), fp32: same numbers as the reference
+  reference_fp32             fp32 weights and compute, reference eager step (core/step.py)
+  fused_fp32                 the fast path (core/fast_step.py), fp32: same numbers as the reference
   fused_bf16_autocast        fast path with bf16 autocast; teacher weights bf16
   fused_bf16_weights         fast path; teacher bf16, fake score and G stored in bf16 with fp32 masters
   fused_bf16_weights_ckpt    as fused_bf16_weights plus gradient checkpointing of all three UNets

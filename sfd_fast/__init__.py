@@ -1,17 +1,22 @@
-"""sfd_fast: Score Forgetting Distillation of diffusion models into one-step generators."""
+"""sfd_fast: Score Forgetting Distillation of diffusion models into one-step generators.
+
+``__all__`` is the public surface (docs/architecture.md lists it); everything else is reached
+through its part: ``sfd_fast.core``, ``models``, ``train``, ``eval``, ``baselines``, ``serve``.
+"""
 
 from .core.config import SFDConfig
-from .models.unet import UNetConfig
 from .core.forget import ForgetSpec
-from .io.atomic import CheckpointError
-from .models.networks import DDPMDenoiser, EDMDenoiser, OneStepGenerator, load_denoiser, save_denoiser
-from .models.unet import build_unet
 from .core.state import SFDState
 from .core.step import train_step
 from .core.step_options import StepOptions
+from .io.atomic import CheckpointError
+from .models.networks import (DDPMDenoiser, EDMDenoiser, OneStepGenerator, load_denoiser, load_generator,
+                              save_denoiser, save_generator)
+from .models.unet import UNetConfig, build_unet
 
 __version__ = "0.1.0"
 __all__ = [
     "SFDConfig", "UNetConfig", "ForgetSpec", "SFDState", "train_step", "StepOptions", "EDMDenoiser", "DDPMDenoiser",
-    "OneStepGenerator", "build_unet", "load_denoiser", "save_denoiser", "CheckpointError",
+    "OneStepGenerator", "build_unet", "load_denoiser", "save_denoiser", "load_generator", "save_generator",
+    "CheckpointError",
 ]

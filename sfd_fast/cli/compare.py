@@ -1,4 +1,4 @@
-"""Glue of ``sfd-fast compare``: load models and data, run the comparison, write table, plots, grids."""
+"""``sfd-fast compare``: load models and data, run the comparison, write table, plots, grids."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from ..eval.compare import CompareConfig, run_compare
-from ..eval.report import markdown_table, write_report
 from ..eval.evaluate import class_grid
+from ..eval.report import markdown_table, write_report
+from .args import add_common, add_forget_args, add_sfd_config_args, sfd_config
 
 
 def environment() -> str:
@@ -31,8 +32,8 @@ def environment() -> str:
 def compare_main(teacher_dir, classifier_path, out: Path, cfg: CompareConfig, *, real_split: str = "test",
                  inception_onnx: Path | None = None, device: str = "cpu", progress: bool = True) -> list[dict]:
     from ..eval.classifier import DigitClassifier
-    from ..io.data import load_embedded_mnist
     from ..eval.fid import OnnxFeatures
+    from ..io.data import load_embedded_mnist
     from ..models.networks import load_denoiser
 
     teacher = load_denoiser(teacher_dir, device)
@@ -61,4 +62,62 @@ def compare_main(teacher_dir, classifier_path, out: Path, cfg: CompareConfig, *,
     return rows
 
 
-__all__ = ["compare_main", "environment"]
+def add_parsers(sub) -> None:
+    from ..core.config import SFD_PRESETS
+
+    p = sub.add_parser("compare", help="compare unlearning methods on one evaluation (table + plots)",
+                       description="Train the chosen methods (teacher, sid, sfd, robust_sfd, esd, retain_distill, "
+                                   "advunlearn) with fixed seeds and budgets and write compare.md/.json/.csv/.png "
+                                   "plus per-method sample grids to --out.")
+    p.add_argument("--teacher", type=Path, default=None, help="teacher directory (default: embedded demo teacher)")
+    p.add_argument("--classifier", type=Path, default=None, help="classifier .safetensors (default: embedded)")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default: runs/compare)")
+    p.add_argument("--methods", default="teacher,sid,sfd,robust_sfd,esd,retain_distill,advunlearn",
+                   help="comma-separated methods (default: all)")
+    add_sfd_config_args(p, SFD_PRESETS)
+    p.add_argument("--distill-steps", type=int, default=100, help="iterations of sid/sfd/robust_sfd (default: 100)")
+    p.add_argument("--finetune-steps", type=int, default=50, help="iterations of esd/retain_distill/advunlearn (default: 50)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam lr of the fine-tuning baselines (default: 1e-4)")
+    p.add_argument("--finetune-batch", type=int, default=8, help="forget (and retain) batch of fine-tuning (default: 8)")
+    p.add_argument("--robust-inner-steps", type=int, default=3, help="robust_sfd inner attack steps (default: 3)")
+    p.add_argument("--teacher-steps", type=int, default=8, help="Heun steps of diffusion-sampled rows (default: 8)")
+    p.add_argument("--attack-steps", type=int, default=30, help="embedding attack Adam steps (default: 30)")
+    p.add_argument("--attack-lr", type=float, default=0.05, help="embedding attack lr (default: 0.05)")
+    p.add_argument("--attack-init", default="forget", choices=["forget", "mean", "random"],
+                   help="attack start: forget-class row, table mean, or random (default: forget)")
+    p.add_argument("--attack-batch", type=int, default=16, help="noises per attack step (default: 16)")
+    p.add_argument("--attack-samples", type=int, default=100, help="held-out noises scoring ASR (default: 100)")
+    p.add_argument("--attack-sampler-steps", type=int, default=3,
+                   help="differentiable Heun steps when attacking diffusion rows (default: 3)")
+    p.add_argument("--per-class", type=int, default=50, help="evaluation samples per class (default: 50)")
+    p.add_argument("--inception-onnx", type=Path, default=None,
+                   help="local ONNX feature network for FID (e.g. Inception pool3); default: classifier features")
+    add_forget_args(p)
+    add_common(p)
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from dataclasses import replace
+
+    from ..baselines.finetune import FinetuneConfig
+    from ..baselines.robust_sfd import RobustConfig
+    from ..eval.attack import AttackConfig
+    from ..eval.classifier import CLASSIFIER_FILE
+    from .demo import TEACHER_DIR
+
+    torch.manual_seed(args.seed)
+    cfg = CompareConfig(
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()), sfd=sfd_config(args),
+        distill_steps=args.distill_steps, finetune_steps=args.finetune_steps,
+        robust=RobustConfig(inner_steps=args.robust_inner_steps),
+        finetune=replace(FinetuneConfig(), lr=args.finetune_lr, batch_size=args.finetune_batch,
+                         retain_batch_size=args.finetune_batch, seed=args.seed),
+        teacher_steps=args.teacher_steps,
+        attack=AttackConfig(steps=args.attack_steps, lr=args.attack_lr, init=args.attack_init,
+                            batch_size=args.attack_batch, eval_samples=args.attack_samples, seed=args.seed),
+        attack_sampler_steps=args.attack_sampler_steps, per_class=args.per_class, seed=args.seed)
+    compare_main(args.teacher or TEACHER_DIR, args.classifier or CLASSIFIER_FILE, args.out, cfg,
+                 inception_onnx=args.inception_onnx, device=args.device, progress=not args.no_progress)
+    print(f"wrote {args.out}/compare.md, compare.json, compare.csv, compare.png, samples_*.png")
+    return 0

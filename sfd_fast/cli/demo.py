@@ -12,14 +12,15 @@ from pathlib import Path
 
 import torch
 
-from ..eval.classifier import CLASSIFIER_FILE, DigitClassifier
 from ..core.config import SFDConfig
-from ..train.distill import distill
+from ..core.forget import ForgetSpec
+from ..eval.classifier import CLASSIFIER_FILE, DigitClassifier
 from ..eval.evaluate import class_grid, evaluate_sampler, teacher_sampler
 from ..io.atomic import write_json
 from ..io.data import ASSETS
-from ..core.forget import ForgetSpec
 from ..models.networks import load_denoiser, save_generator
+from ..train.distill import distill
+from .args import add_common, add_forget_args
 
 TEACHER_DIR = ASSETS / "teacher"
 
@@ -75,3 +76,30 @@ def acceptance(m: dict) -> dict[str, bool]:
 
 
 DEMO_STEPS = 150
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("demo", help="run the whole story on the embedded MNIST subset (CPU, minutes)",
+                       description="Load the committed teacher and classifier, forget a class with SFD, "
+                                   "evaluate, and write metrics.json, PNG grids and the generator to --out.")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
+    p.add_argument("--steps", type=int, default=None, help="SFD iterations (default: the demo's measured budget)")
+    p.add_argument("--per-class", type=int, default=100, help="evaluation samples per class (default: 100)")
+    p.add_argument("--teacher-steps", type=int, default=18,
+                   help="Heun steps of the teacher sampler; NFE = 2*steps-1 (default: 18)")
+    add_forget_args(p)
+    add_common(p)
+    p.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    m = run_demo(args.out, steps=args.steps, seed=args.seed, forget=args.forget, override=args.override,
+                 per_class=args.per_class, teacher_steps=args.teacher_steps, device=args.device,
+                 progress=not args.no_progress)
+    print(f"one-step generator: forget_accuracy={m['forget_accuracy']:.3f} override_rate={m['override_rate']:.3f} "
+          f"remain_accuracy={m['remain_accuracy']:.3f} (NFE 1)")
+    print(f"teacher sampler:    remain_accuracy={m['teacher_remain_accuracy']:.3f} "
+          f"forget_accuracy={m['teacher_forget_accuracy']:.3f} (NFE {m['teacher_nfe']})")
+    print(f"steps={m['steps']} seconds={m['seconds']:.0f} acceptance={m['passed']}")
+    print(f"wrote {args.out}/metrics.json, samples_generator.png, samples_teacher.png, generator/")
+    return 0 if all(m["passed"].values()) else 1

@@ -1,4 +1,4 @@
-"""CLI of the text-to-image path: ``sfd-fast distill --pipeline DIR ...`` and ``sfd-fast sample``.
+"""Text-to-image commands: ``distill --pipeline DIR``, ``sample`` and ``evaluate-t2i``.
 
 Only parses arguments and builds configs; ``cli.main`` routes here when ``distill`` gets
 ``--pipeline`` (its class-label ``--forget`` takes integers, the text one takes prompts).
@@ -10,12 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from .args import add_resilience_args, under_torchrun
+
 DEFAULT_REMAIN = ("a photo of a cat", "a landscape painting", "a red car on a street", "a bowl of fruit",
                   "a woman reading a book", "a man riding a bicycle")
 
 
 def build_distill_parser() -> argparse.ArgumentParser:
-    from .main import add_resilience_args
     from ..core.step_options import STEP_PRESETS
 
     p = argparse.ArgumentParser(prog="sfd-fast distill --pipeline", description=(
@@ -98,20 +99,18 @@ def run_distill(argv: list[str]) -> int:
 
 
 def _distill(args) -> int:
-    import os
-
     import torch
     from tqdm.auto import tqdm
 
-    from ..train import distributed
-    from ..core.config import SFDConfig, parse_overrides
-    from ..io.atomic import write_json
-    from ..core.faults import NonFiniteError
-    from ..train.resilient import run_resilient
     from ..baselines.robust_sfd import RobustConfig, robust_sfd_step
+    from ..core.config import SFDConfig, parse_overrides
+    from ..core.faults import NonFiniteError
     from ..core.step import train_step
-    from ..train.text_to_image import T2I_SFD_CONFIG, T2IOptions, build_t2i_state, save_t2i_generator
+    from ..io.atomic import write_json
     from ..models.sd_pipeline import load_t2i_pipeline
+    from ..train import distributed
+    from ..train.resilient import run_resilient
+    from ..train.text_to_image import T2I_SFD_CONFIG, T2IOptions, build_t2i_state, save_t2i_generator
 
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
@@ -132,7 +131,7 @@ def _distill(args) -> int:
             return robust_sfd_step(state, robust, options=args.step_options)
         return train_step(state, options=args.step_options)
     device = args.device
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one rank per process, DDP
+    if under_torchrun():  # one rank per process, DDP
         device = distributed.init_from_env("gloo" if args.device == "cpu" else "nccl")
     state = None
     try:
@@ -176,19 +175,6 @@ def _distill(args) -> int:
         distributed.shutdown(state)
 
 
-def add_sample_parser(sub) -> None:
-    p = sub.add_parser("sample", help="one-step text-to-image samples from a distilled generator (PNG)",
-                       description="Generate images for each --prompt with a generator written by "
-                                   "`sfd-fast distill --pipeline` (one network call, then the VAE decode).")
-    p.add_argument("--generator", type=Path, required=True, help="generator folder (…/generator)")
-    p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="prompt; repeatable")
-    p.add_argument("--num", type=int, default=4, help="images per prompt (default: 4)")
-    p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid, one row per prompt")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--no-progress", action="store_true", help="accepted for symmetry; sampling shows no bar")
-
-
 def run_sample(args) -> int:
     from ..io.images import save_grid
     from ..train.text_to_image import load_t2i_generator, sample_t2i
@@ -203,7 +189,20 @@ def run_sample(args) -> int:
     return 0
 
 
-def add_evaluate_parser(sub) -> None:
+def add_parsers(sub) -> None:
+    """``sample`` and ``evaluate-t2i``; ``distill --pipeline`` has its own parser (see ``cli.main``)."""
+    p = sub.add_parser("sample", help="one-step text-to-image samples from a distilled generator (PNG)",
+                       description="Generate images for each --prompt with a generator written by "
+                                   "`sfd-fast distill --pipeline` (one network call, then the VAE decode).")
+    p.add_argument("--generator", type=Path, required=True, help="generator folder (…/generator)")
+    p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="prompt; repeatable")
+    p.add_argument("--num", type=int, default=4, help="images per prompt (default: 4)")
+    p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid, one row per prompt")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="accepted for symmetry; sampling shows no bar")
+    p.set_defaults(handler=run_sample)
+
     p = sub.add_parser("evaluate-t2i", help="CLIP-scored forgetting metrics of a text-to-image run (JSON, grids)",
                        description="Score the generator of a `sfd-fast distill --pipeline` run and its teacher "
                                    "(Heun sampler) with a local CLIP model: override rate of forget prompts (closer "
@@ -228,22 +227,22 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="noise seed, shared by both samplers (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="hide the attack's progress bar")
+    p.set_defaults(handler=run_evaluate)
 
 
 def run_evaluate(args) -> int:
     import json
 
     import torch
+    from tqdm.auto import tqdm
 
+    from ..eval.clip_eval import ClipJudge, evaluate_t2i
+    from ..eval.prompt_attack import soft_prompt_attack
     from ..io.atomic import write_json
     from ..io.images import save_grid
     from ..models.latent_denoiser import LatentDenoiser
-    from ..train.text_to_image import load_t2i_generator
-    from tqdm.auto import tqdm
-
-    from ..eval.prompt_attack import soft_prompt_attack
-    from ..eval.clip_eval import ClipJudge, evaluate_t2i
     from ..models.sd_pipeline import load_t2i_pipeline
+    from ..train.text_to_image import load_t2i_generator
 
     if args.attack_steps < 0:
         raise ValueError(f"--attack-steps must be >= 0, got {args.attack_steps}")
@@ -293,5 +292,4 @@ def run_evaluate(args) -> int:
     return 0
 
 
-__all__ = ["build_distill_parser", "run_distill", "add_sample_parser", "run_sample", "add_evaluate_parser",
-           "run_evaluate", "DEFAULT_REMAIN"]
+__all__ = ["build_distill_parser", "run_distill", "add_parsers", "run_sample", "run_evaluate", "DEFAULT_REMAIN"]

@@ -1,4 +1,4 @@
-"""Configuration dataclasses: the SFD hyperparameters (SPEC sections 2-3) and UNet presets.
+"""The SFD hyperparameters (SPEC sections 2-3) as a validated dataclass, with named presets.
 
 Every field carries its default from the reference method and a one-line reason. Configs are
 plain data: they validate themselves, round-trip through JSON, and the CLI only builds them.

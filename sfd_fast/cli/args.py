@@ -1,0 +1,71 @@
+"""Argument helpers shared by the command groups: classes to forget, device/seed, checkpoints, configs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from ..core.config import SFDConfig, parse_overrides
+
+
+def _classes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(c) for c in text.split(",") if c.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated class indices like '0' or '0,3', got {text!r}")
+
+
+def _override(text: str) -> tuple[int, ...] | None:
+    return None if text == "random" else _classes(text)
+
+
+def add_forget_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--forget", type=_classes, default=(0,), metavar="C[,C..]",
+                   help="class(es) to forget (default: 0)")
+    p.add_argument("--override", type=_override, default=(1,), metavar="C[,C..]|random",
+                   help="override class per forget class, or 'random' for a uniformly drawn remaining class "
+                        "per sample (default: 1)")
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def add_sfd_config_args(p: argparse.ArgumentParser, presets) -> None:
+    p.add_argument("--preset", default="reference", choices=sorted(presets),
+                   help="SFD hyperparameter preset (default: reference)")
+    p.add_argument("--config", type=Path, help="JSON file of SFDConfig fields overriding the preset")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override one SFDConfig field (JSON value), e.g. --set lr_gen=1e-4; repeatable")
+
+
+def sfd_config(args) -> SFDConfig:
+    """--preset, then --config, then each --set, then the forget/override classes and seed."""
+    config = SFDConfig.from_name(args.preset).to_dict()
+    if args.config is not None:
+        config.update(json.loads(args.config.read_text()))
+    config.update(parse_overrides(args.set))
+    config.update(forget_classes=args.forget, override_classes=args.override, seed=args.seed)
+    return SFDConfig.from_dict(config)
+
+
+# --- scale-out and reliability options of `distill` (sfd_fast.train.resilient, sfd_fast.train.distributed) ---
+def add_resilience_args(p: argparse.ArgumentParser,
+                        title: str = "checkpoints, resume and multi-GPU (see docs/distributed.md)") -> None:
+    g = p.add_argument_group(title)
+    g.add_argument("--checkpoint-dir", type=Path, default=None,
+                   help="where full-state checkpoints go (default: <out>/checkpoints when any option here is used)")
+    g.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save a resumable checkpoint every N steps (default: 0 = at the end and on SIGTERM/SIGINT)")
+    g.add_argument("--keep-last", type=int, default=3, metavar="N", help="checkpoints kept (default: 3)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --checkpoint-dir (bit-exact on the same setup)")
+
+
+def under_torchrun() -> bool:
+    """torchrun started this process as one of several ranks."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
