@@ -74,3 +74,11 @@ def test_tensorrt_engine_matches_pytorch(tmp_path, precision, tol):
     z, c = torch.randn(5, *g.denoiser.image_shape), torch.randint(0, 10, (5,))
     out = runner(z.cuda(), c.cuda())
     assert out.is_cuda and (out.cpu() - g(z, c).detach()).abs().max() <= tol
+
+
+def test_export_leaves_the_callers_generator_untouched(tmp_path):
+    g = _generator("tiny").to(torch.bfloat16).train()
+    before = {k: v.clone() for k, v in g.state_dict().items()}
+    to_onnx(g, tmp_path / "g.onnx", exporter="torchscript", tolerance=1e-2)
+    assert g.training and all(p.dtype == torch.bfloat16 for p in g.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in g.state_dict().items())

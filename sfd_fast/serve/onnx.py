@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -83,7 +84,8 @@ def to_onnx(generator: nn.Module, path: str | os.PathLike, *, cond: torch.Tensor
         raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    generator = generator.cpu().float().eval()
+    # Export a copy: the caller's generator (maybe bf16, on a GPU, in training) stays as it is.
+    generator = copy.deepcopy(generator).cpu().float().eval()
     shape = tuple(generator.denoiser.image_shape)
     if cond is None:
         cond = example_cond(generator, 2)
