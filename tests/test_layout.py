@@ -138,3 +138,25 @@ def test_public_api_is_importable_and_documented():
     for name in ("train_step", "SFDConfig", "SFDState", "StepOptions", "load_denoiser", "save_generator",
                  "load_generator"):
         assert name in sfd_fast.__all__
+
+
+def test_repository_kernels_dir_imported_as_top_level_kernels_registers_nothing():
+    """From the repository root, ``kernels/`` is also importable as a top-level ``kernels`` (python -m
+    puts the working directory on sys.path), and transformers imports that name to probe for the
+    Hugging Face package. Running our modules a second time re-registered every sfd_fast:: custom
+    op and freed the first registration under the ops already bound (``ValueError: vector::reserve``
+    or a segfault on their first call, at random). Under that name the package must be empty."""
+    import subprocess
+    import sys
+
+    code = (
+        "import os; os.environ.setdefault('TRITON_INTERPRET', '1')\n"
+        "import torch._library.custom_ops as co, sfd_fast.kernels\n"
+        "libs = {k: id(v) for k, v in co.OPDEF_TO_LIB.items() if k.startswith('sfd_fast::')}\n"
+        "import kernels\n"
+        "after = {k: id(v) for k, v in co.OPDEF_TO_LIB.items() if k.startswith('sfd_fast::')}\n"
+        "assert libs and after == libs, 'custom ops were registered again'\n"
+        "assert kernels.__path__ == [] and not hasattr(kernels, 'sid_generator_loss')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
