@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from ..core.config import SFDConfig, parse_overrides
+from ..core.config import SFD_PRESETS, SFDConfig, parse_overrides
 
 
 def _classes(text: str) -> tuple[int, ...]:
@@ -35,8 +35,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def add_sfd_config_args(p: argparse.ArgumentParser, presets) -> None:
-    p.add_argument("--preset", default="reference", choices=sorted(presets),
+def add_sfd_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="reference", choices=sorted(SFD_PRESETS),
                    help="SFD hyperparameter preset (default: reference)")
     p.add_argument("--config", type=Path, help="JSON file of SFDConfig fields overriding the preset")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

@@ -63,8 +63,6 @@ def compare_main(teacher_dir, classifier_path, out: Path, cfg: CompareConfig, *,
 
 
 def add_parsers(sub) -> None:
-    from ..core.config import SFD_PRESETS
-
     p = sub.add_parser("compare", help="compare unlearning methods on one evaluation (table + plots)",
                        description="Train the chosen methods (teacher, sid, sfd, robust_sfd, esd, retain_distill, "
                                    "advunlearn) with fixed seeds and budgets and write compare.md/.json/.csv/.png "
@@ -74,7 +72,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/compare"), help="output folder (default: runs/compare)")
     p.add_argument("--methods", default="teacher,sid,sfd,robust_sfd,esd,retain_distill,advunlearn",
                    help="comma-separated methods (default: all)")
-    add_sfd_config_args(p, SFD_PRESETS)
+    add_sfd_config_args(p)
     p.add_argument("--distill-steps", type=int, default=100, help="iterations of sid/sfd/robust_sfd (default: 100)")
     p.add_argument("--finetune-steps", type=int, default=50, help="iterations of esd/retain_distill/advunlearn (default: 50)")
     p.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam lr of the fine-tuning baselines (default: 1e-4)")

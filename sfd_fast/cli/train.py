@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..core.config import SFD_PRESETS, SFDConfig
+from ..core.config import SFDConfig
 from ..models.unet import UNET_PRESETS, UNetConfig
 from .args import add_common, add_forget_args, add_resilience_args, add_sfd_config_args, sfd_config, under_torchrun
 
@@ -40,7 +40,7 @@ def add_parsers(sub) -> None:
                    help="text-to-image mode on a diffusers SD-style folder; see `sfd-fast distill --pipeline DIR --help`")
     p.add_argument("--out", type=Path, required=True, help="output folder (generator/, config.json, train_log.json)")
     p.add_argument("--steps", type=int, default=1000, help="SFD iterations (default: 1000)")
-    add_sfd_config_args(p, SFD_PRESETS)
+    add_sfd_config_args(p)
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cuda"],
                    help="loss implementation (default: $SFD_FAST_BACKEND or auto)")
     add_resilience_args(p)
