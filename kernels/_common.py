@@ -1,6 +1,9 @@
 """Shared pieces of the fused loss kernels: input checks, row tiling, the per-row finalise kernel.
 
-Layout every loss kernel uses: the inputs are B rows of N = numel/B contiguous elements. Pass 1
+Layout every loss kernel uses: the inputs are B rows of N = numel/B elements, each row one dense
+block of memory at offset b*N, with the same strides in every input (contiguous NCHW, or
+channels_last NHWC: the row sums do not depend on element order, and gradients allocated with
+``empty_like`` get the inputs' strides, so element k of a row is the same pixel everywhere). Pass 1
 runs a (B, n_chunks) grid; each program reduces one chunk of one row into fp32 partial sums
 (written to a tiny (B, n_chunks, 2) buffer: deterministic, no atomics). A one-program finalise
 kernel then turns the partials into per_sample (B,), omega (B,) and the masked weighted total,
@@ -40,11 +43,16 @@ def check_inputs(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], weig
             raise ValueError(f"{name} has dtype {t.dtype} but {name0} has {first.dtype}; they must be equal")
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {name0} is on {first.device}; they must be equal")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} is not contiguous (strides {t.stride()}); call .contiguous() first "
-                             "(the kernel reads rows as flat memory and will not copy silently)")
     if first.dim() < 2 or first.shape[0] == 0 or first.numel() == 0:
         raise ValueError(f"{name0} must be a non-empty batch (B, ...) with B >= 1, got shape {tuple(first.shape)}")
+    for name, t in zip(names, tensors):
+        if not rows_are_dense(t):
+            raise ValueError(f"{name} (shape {tuple(t.shape)}, strides {t.stride()}) does not store each sample as one "
+                             "dense block; call .contiguous() or .contiguous(memory_format=torch.channels_last) "
+                             "(the kernel reads rows as flat memory and will not copy silently)")
+        if layout(t) != layout(first):
+            raise ValueError(f"{name} has strides {t.stride()} but {name0} has {first.stride()}; all inputs must share "
+                             "one memory layout (convert them with the same .contiguous(memory_format=...))")
     if weight.shape != (first.shape[0],):
         raise ValueError(f"weight has shape {tuple(weight.shape)}; expected ({first.shape[0]},), one per sample")
     if not weight.is_floating_point():
@@ -53,6 +61,22 @@ def check_inputs(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], weig
         raise ValueError(f"weight is on {weight.device} but {name0} is on {first.device}; they must be equal")
     if runnable:
         check_device(first.device)
+
+
+def rows_are_dense(t: torch.Tensor) -> bool:
+    """Each of the B samples is one gap-free block of numel/B elements, sample b at offset b*numel/B."""
+    dims = sorted((st, size) for st, size in zip(t.stride(), t.shape) if size > 1)
+    expected = 1
+    for st, size in dims:  # innermost first: a dense layout packs each dim right after the last
+        if st != expected:
+            return False
+        expected *= size
+    return t.shape[0] == 1 or t.stride(0) == t.numel() // t.shape[0]
+
+
+def layout(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides that matter (a size-1 dim's stride is arbitrary): equal layouts index alike."""
+    return tuple(s for s, n in zip(t.stride(), t.shape) if n > 1)
 
 
 def check_device(device: torch.device) -> None:
@@ -135,9 +159,11 @@ def finalise(partials: torch.Tensor, weight: torch.Tensor, n: int, omega_min: fl
 
 
 def row_coefficient(per_sample: torch.Tensor, weight: torch.Tensor, grad_total: torch.Tensor | None,
-                    grad_per_sample: torch.Tensor | None) -> torch.Tensor:
-    """dLoss/dper_sample_i for the backward: g_total * w_i + g_ps_i on finite rows, exactly 0 on masked rows.
+                    grad_per_sample: torch.Tensor | None, omega: torch.Tensor | None = None) -> torch.Tensor:
+    """dLoss/dper_sample_i / omega_i for the backward: exactly 0 on masked rows.
 
+    On finite rows (g_total * w_i + g_ps_i) / omega_i (omega None: 1). The mask is applied after
+    the division: a NaN input row has omega NaN, and 0 / NaN would leak NaN into its gradients.
     (B,)-sized tensor ops only: no host sync, nothing data-dependent in Python.
     """
     coef = torch.zeros_like(per_sample)
@@ -145,6 +171,8 @@ def row_coefficient(per_sample: torch.Tensor, weight: torch.Tensor, grad_total: 
         coef = coef + grad_total.float() * weight.float()
     if grad_per_sample is not None:
         coef = coef + grad_per_sample.float()
+    if omega is not None:
+        coef = coef / omega
     return torch.where(torch.isfinite(per_sample), coef, torch.zeros_like(coef))
 
 

@@ -14,8 +14,7 @@ Passes over HBM: 2. Forward = 1 pass reading D and target (2N; with the epilogue
 3N instead of the eager epilogue's 3N + 2N, and no D buffer) + a finalise over (B, n_chunks)
 scalars. Backward = 1 pass re-reading the inputs and writing only the gradients autograd asks
 for: the fake-score step needs dLoss/dD (or dF) alone, as the target x_g is detached.
-Masked (non-finite) rows get exactly zero gradients (reference autograd: NaN, which the
-training step's nan_to_num zeroes). Math in fp32, gradients in the input dtype.
+Masked (non-finite) rows get exactly zero gradients, as in the reference. Math in fp32, gradients in the input dtype.
 """
 
 from __future__ import annotations
@@ -242,7 +241,8 @@ def edm_denoising_loss(denoised: torch.Tensor, target: torch.Tensor,
                        weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused drop-in for ``sfd_fast.core.losses.edm_denoising_loss``.
 
-    denoised, target: (B, ...) contiguous, one dtype (fp32/bf16/fp16), one device; weight (B,).
+    denoised, target: (B, ...) of one layout (contiguous or channels_last), one dtype
+    (fp32/bf16/fp16), one device; weight (B,).
     Returns (total fp32 0-d, per_sample fp32 (B,)).
     """
     return edm_loss_op(denoised, target, weight)

@@ -20,9 +20,8 @@ asks for (3N read + up to 3N written). Why not compute the gradients inside the 
 scalar upstream gradient is unknown until backward, so forward-saved gradients would have to be
 written (3N) and then re-read and scaled (3N + 3N): 12N traffic instead of 9N.
 
-Masked rows: where L_i is not finite the kernel returns exactly zero gradients (the reference's
-autograd gives NaN there, which the training step's nan_to_num turns into zeros; the kernel's
-zeros give the same update without relying on it). Math is fp32; gradients come back in the
+Masked rows: where L_i is not finite the kernel returns exactly zero gradients, as the reference
+does (a NaN row, an inf row and a row with NaN omega alike). Math is fp32; gradients come back in the
 input dtype; total and per_sample are fp32.
 """
 
@@ -148,7 +147,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_total, grad_per_sample, _grad_omega):
     x_g, y_real, y_fake, weight, per_sample, omega = ctx.saved_tensors
     need_x, need_yr, need_yf, need_w = ctx.needs_input_grad[:4]
-    scale = row_coefficient(per_sample, weight, grad_total, grad_per_sample) / omega
+    scale = row_coefficient(per_sample, weight, grad_total, grad_per_sample, omega)
     gx, gyr, gyf = sid_loss_backward_op(x_g, y_real, y_fake, scale, ctx.alpha, need_x, need_yr, need_yf,
                                         ctx.block, ctx.chunk)
     grad_weight = None
@@ -165,8 +164,8 @@ def sid_generator_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Te
                        alpha: float, omega_min: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused drop-in for ``sfd_fast.core.losses.sid_generator_loss``.
 
-    x_g, y_real, y_fake: (B, ...) contiguous, one dtype (fp32/bf16/fp16), one device (CUDA, or
-    CPU under TRITON_INTERPRET=1); weight: (B,). Returns (total fp32 0-d, per_sample fp32 (B,)).
+    x_g, y_real, y_fake: (B, ...) of one layout (contiguous or channels_last), one dtype
+    (fp32/bf16/fp16), one device (CUDA, or CPU under TRITON_INTERPRET=1); weight: (B,). Returns (total fp32 0-d, per_sample fp32 (B,)).
     """
     total, per_sample, _omega = sid_loss_op(x_g, y_real, y_fake, weight, float(alpha), float(omega_min))
     return total, per_sample

@@ -136,9 +136,10 @@ def test_edm_precond_loss_matches_unfused(shape, block, chunk, dtype):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN rows
 def test_nan_rows_are_masked_with_zero_gradients():
-    (x, yr, yf), w = sid_inputs((4, 2, 6, 6), torch.float32, seed=1)
+    (x, yr, yf), w = sid_inputs((5, 2, 6, 6), torch.float32, seed=1)
     yf[1, 0, 2, 3] = float("nan")
     x[2, 1, 0, 0] = float("inf")
+    yr[4, 1, 3, 3] = float("nan")  # omega NaN: a scale of 0 / NaN once leaked NaN gradients here
     for kernel_fn, ref_fn, inputs in [
         (sid_generator_loss, lambda *a: losses.sid_generator_loss(*a, alpha=ALPHA, omega_min=OMEGA_MIN), [x, yr, yf]),
         (edm_denoising_loss, losses.edm_denoising_loss, [yf, x]),
@@ -149,12 +150,30 @@ def test_nan_rows_are_masked_with_zero_gradients():
         kt, kp, kg = run(kernel_fn, inputs, w, grad_ps)
         rt, rp, rg = run(ref_fn, inputs, w, grad_ps)
         bad = ~torch.isfinite(rp)
-        assert bad.tolist() == [False, True, True, False]
+        assert bad.tolist() == [False, True, True, False, kernel_fn is not edm_denoising_loss]
         assert torch.equal(~torch.isfinite(kp), bad)
         assert torch.isfinite(kt) and torch.allclose(kt, rt, rtol=1e-5, atol=1e-5)
         for k, r in zip(kg, rg):
             assert torch.equal(k[bad], torch.zeros_like(k[bad])), "masked rows must get exactly zero gradient"
+            assert torch.equal(r[bad], torch.zeros_like(r[bad])), "the reference too"
             torch.testing.assert_close(k[~bad], r[~bad], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 4, 8, 8), (3, 4, 9, 6)])
+def test_channels_last_matches_reference(shape, dtype):
+    """NHWC inputs (the fast preset's UNet outputs for C > 1): same values, gradients in the inputs' layout."""
+    (x, yr, yf), w = sid_inputs(shape, dtype, seed=7)
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (x, yr, yf)]
+    assert not cl[0].is_contiguous()
+    sid = lambda *a: sid_generator_loss(*a, alpha=ALPHA, omega_min=OMEGA_MIN)  # noqa: E731
+    sid_ref = lambda *a: losses.sid_generator_loss(*a, alpha=ALPHA, omega_min=OMEGA_MIN)  # noqa: E731
+    check_against_reference(sid, sid_ref, naive_sid, cl, w)
+    check_against_reference(edm_denoising_loss, losses.edm_denoising_loss, naive_edm, cl[:2], w)
+    grad_ps = torch.zeros_like(w)
+    for fn, inputs in [(sid, cl), (edm_denoising_loss, cl[:2])]:
+        _, _, grads = run(fn, inputs, w, grad_ps)
+        assert all(g.stride() == t.stride() for g, t in zip(grads, inputs))
 
 
 def test_weight_gradient_and_unneeded_grads():
@@ -222,8 +241,11 @@ def test_bad_input_raises_clear_errors(fn):
         call(x, yr.half(), yf.half())
     with pytest.raises(ValueError, match="dtype"):
         call(x.double(), yr.double(), yf.double())
-    with pytest.raises(ValueError, match="not contiguous"):
-        call(x.transpose(2, 3), yr.transpose(2, 3), yf.transpose(2, 3))
+    with pytest.raises(ValueError, match="one dense block"):
+        call(x[..., ::2], yr[..., ::2], yf[..., ::2])
+    cl = [t.contiguous(memory_format=torch.channels_last) for t in (x, yr, yf)]
+    with pytest.raises(ValueError, match="one memory layout"):
+        call(cl[0], yr, cl[2])
     with pytest.raises(ValueError, match="non-empty batch"):
         call(x[:0], yr[:0], yf[:0], w[:0])
     with pytest.raises(ValueError, match="weight has shape"):

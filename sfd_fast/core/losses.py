@@ -10,6 +10,11 @@ Both losses return ``(total, per_sample)``:
   are masked with ``torch.where`` rather than boolean indexing (the reference code's
   ``loss[~nan_mask]``), which gives the same value with no host sync and static shapes.
   ``weight`` carries the loss scale, the 1/batch normalisation and the SFD lambdas.
+- A masked sample gets exactly zero gradient in every input, as in the fused kernels. Masking
+  only the total is not enough: its zero upstream gradient meets the sample's NaN/inf
+  partials (0 * inf = NaN) and one bad row would poison the whole update. So each loss first
+  finds the bad rows without autograd, then differentiates through inputs whose bad rows are
+  replaced by zeros (``torch.where``'s backward sends those rows exactly 0).
 """
 
 from __future__ import annotations
@@ -49,6 +54,25 @@ def masked_weighted_sum(per_sample: torch.Tensor, weight: torch.Tensor) -> torch
     return torch.where(finite, per_sample * weight.to(per_sample.dtype), torch.zeros_like(per_sample)).sum()
 
 
+def _with_masked_rows(per_sample_fn, weight: torch.Tensor, *inputs: torch.Tensor):
+    """(total, per_sample) of ``per_sample_fn(*inputs)``, bad rows masked in value and gradient.
+
+    per_sample keeps the NaN/inf of bad rows (callers count them); on good rows it and every
+    gradient are bit-identical to differentiating ``per_sample_fn`` directly.
+    """
+    with torch.no_grad():
+        raw = per_sample_fn(*inputs)
+    good = torch.isfinite(raw)
+    rows = good.view(-1, *([1] * (inputs[0].dim() - 1)))
+    gated = [torch.where(rows, t, torch.zeros_like(t)) for t in inputs]
+    per_sample = torch.where(good, per_sample_fn(*gated), raw)
+    return masked_weighted_sum(per_sample, weight), per_sample
+
+
+def _edm_per_sample(denoised: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return (_upcast(denoised) - _upcast(target)).square().flatten(1).sum(1)
+
+
 def edm_denoising_loss(denoised: torch.Tensor, target: torch.Tensor,
                        weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """EDM loss: per_sample_i = sum_pixels (D_i - x_i)^2; total = sum_i weight_i per_sample_i.
@@ -57,8 +81,7 @@ def edm_denoising_loss(denoised: torch.Tensor, target: torch.Tensor,
     samples). Used for teacher pretraining and the fake-score step.
     """
     _check_same(denoised, target, "denoised", "target")
-    per_sample = (_upcast(denoised) - _upcast(target)).square().flatten(1).sum(1)
-    return masked_weighted_sum(per_sample, weight), per_sample
+    return _with_masked_rows(_edm_per_sample, weight, denoised, target)
 
 
 def sid_omega(x_g: torch.Tensor, y_real: torch.Tensor, omega_min: float) -> torch.Tensor:
@@ -81,11 +104,14 @@ def sid_generator_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Te
     """
     _check_same(x_g, y_real, "x_g", "y_real")
     _check_same(x_g, y_fake, "x_g", "y_fake")
-    x_g, y_real, y_fake = _upcast(x_g), _upcast(y_real), _upcast(y_fake)
-    omega = sid_omega(x_g, y_real, omega_min)
-    diff = y_real - y_fake
-    per_sample = (diff * ((y_real - x_g) - alpha * diff)).flatten(1).sum(1) / omega
-    return masked_weighted_sum(per_sample, weight), per_sample
+
+    def per_sample_fn(x_g, y_real, y_fake):
+        x_g, y_real, y_fake = _upcast(x_g), _upcast(y_real), _upcast(y_fake)
+        omega = sid_omega(x_g, y_real, omega_min)
+        diff = y_real - y_fake
+        return (diff * ((y_real - x_g) - alpha * diff)).flatten(1).sum(1) / omega
+
+    return _with_masked_rows(per_sample_fn, weight, x_g, y_real, y_fake)
 
 
 def sfd_sample_weights(n_remain: int, n_forget: int, lam: float, scale: float, *,
