@@ -225,3 +225,18 @@ def test_cuda_fast_preset_runs_and_stays_close(tiny_teacher):
     fast, fast_m = run(tiny_teacher, StepOptions.from_name("fast").replace(compile="off"), 4, device="cuda")
     assert all(torch.isfinite(v.float()).all() for m in fast_m for v in m.values())
     torch.testing.assert_close(fast_m[0]["loss_fake"], ref_m[0]["loss_fake"], rtol=2e-2, atol=0)
+
+
+def test_raise_policy_with_cuda_graph_is_refused_at_setup(tiny_teacher):
+    """'raise' reads the finite flag on the host inside the step: impossible under capture."""
+    state = make_state(tiny_teacher, CFG.replace(nonfinite_policy="raise"))
+    with pytest.raises(ValueError, match="cuda_graph='on' cannot be combined with nonfinite_policy='raise'"):
+        train_step(state, options=StepOptions(fused=True, cuda_graph="on"))
+    assert state.step == 0  # refused before anything ran
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_state_uses_fused_adam(tiny_teacher):
+    state = make_state(tiny_teacher, device="cuda")
+    assert state.opt_fake.defaults["fused"] and state.opt_gen.defaults["fused"]

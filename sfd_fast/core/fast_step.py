@@ -27,6 +27,7 @@ from . import dispatch, faults
 from .forget import Conditions
 from .grads import frozen, sanitize_grads
 from .losses import edm_loss_weight, edm_training_sigma, sfd_sample_weights, sid_training_sigma
+from .ema import ema_beta, update_ema
 from .master_weights import full_precision_params
 from .state import SFDState
 from .step_options import StepOptions
@@ -91,8 +92,16 @@ def _resolve_attention(state: SFDState, choice: str) -> None:
 def _resolve_graph(state: SFDState, options: StepOptions) -> bool:
     if options.cuda_graph == "off":
         return False
+    policy = getattr(state.config, "nonfinite_policy", "skip")
+    if policy == "raise" and options.cuda_graph == "on":
+        # "raise" reads the finite flag on the host inside the step: not allowed while capturing.
+        raise ValueError("cuda_graph='on' cannot be combined with nonfinite_policy='raise' (it reads a device "
+                         "flag on the host inside the step, which graph capture forbids); use "
+                         "nonfinite_policy='skip' (device-side, counted) or cuda_graph='off'")
     reason = None
-    if state.device.type != "cuda" or not torch.cuda.is_available():
+    if policy == "raise":
+        reason = "nonfinite_policy='raise' syncs inside the step, which graph capture forbids"
+    elif state.device.type != "cuda" or not torch.cuda.is_available():
         reason = f"CUDA graphs need a CUDA device; the state is on {state.device}"
     if reason is None:
         return True
@@ -100,15 +109,6 @@ def _resolve_graph(state: SFDState, options: StepOptions) -> bool:
         raise RuntimeError(f"cuda_graph='on' was requested but {reason}; use 'auto' to fall back to eager")
     log.info("cuda_graph: off (%s)", reason)
     return False
-
-
-def _make_capturable(opt: torch.optim.Optimizer, device: torch.device) -> None:
-    """Adam(capturable=True): step counters on the device so the update can live in a graph."""
-    for group in opt.param_groups:
-        group["capturable"] = True
-    for st in opt.state.values():
-        if "step" in st:
-            st["step"] = st["step"].to(device=device, dtype=torch.float32)
 
 
 class _MaybeCompiled:
@@ -152,8 +152,8 @@ def _build_runtime(state: SFDState, options: StepOptions) -> _Runtime:
             module.to(memory_format=torch.channels_last)
     use_graph = _resolve_graph(state, options)
     if use_graph:
-        _make_capturable(state.opt_fake, device)
-        _make_capturable(state.opt_gen, device)
+        faults.make_capturable(state.opt_fake, device)
+        faults.make_capturable(state.opt_gen, device)
     rt = _Runtime(options, loss_fns, options.precision, use_graph, rows,
                   torch.zeros((), dtype=torch.float64, device=device))
     rt.generator, rt.fake_loss, rt.gen_loss = _step_functions(state, rt)
@@ -212,16 +212,29 @@ def _take(t: torch.Tensor, rows) -> torch.Tensor:
     return t if rows is None else t.index_select(0, rows)
 
 
-def _ema_update(state: SFDState, images_seen: torch.Tensor, batch_images: int) -> None:
-    """ema.ema_beta + update_ema with beta computed on the device (graph-capturable)."""
+def _ema_update(state: SFDState, rt: _Runtime, batch_images: int) -> None:
+    """ema.ema_beta + update_ema; under graph capture with beta computed on the device.
+
+    Eager: beta from the host counters, one fused foreach lerp (the reference step's update).
+    A replayed graph cannot take a new host scalar each step, so there beta is computed from
+    ``rt.images_seen`` on the device and applied with per-tensor ``lerp_``: foreach lerp has no
+    tensor-weight overload (torch 2.13), and a 0-d tensor passed as its scalar is read on the
+    host, a sync every step and an error inside capture.
+    """
     cfg = state.config
+    params = full_precision_params(state.generator, state.opt_gen)
+    if not rt.use_graph:
+        beta = ema_beta(cfg.ema_halflife_kimg, cfg.ema_rampup_ratio, state.images_seen + batch_images, batch_images)
+        update_ema(state.generator_ema, state.generator, beta, params)
+        return
+    images_seen = rt.images_seen
     halflife = torch.full_like(images_seen, cfg.ema_halflife_kimg * 1000)
     if cfg.ema_rampup_ratio is not None:
         halflife = torch.minimum(halflife, images_seen * cfg.ema_rampup_ratio)
-    beta = 0.5 ** (batch_images / halflife.clamp_min(1e-8))
+    weight = (1 - 0.5 ** (batch_images / halflife.clamp_min(1e-8))).float()
     with torch.no_grad():
-        ema_params = list(state.generator_ema.parameters())
-        torch._foreach_lerp_(ema_params, full_precision_params(state.generator, state.opt_gen), (1 - beta).float())
+        for p_ema, p in zip(state.generator_ema.parameters(), params):
+            p_ema.lerp_(p, weight)
         for b_ema, b in zip(state.generator_ema.buffers(), state.generator.buffers()):
             b_ema.copy_(b)
 
@@ -295,7 +308,7 @@ def _step_body(state: SFDState, rt: _Runtime, cond: Conditions) -> dict[str, tor
     sanitize_grads(gen_params, cfg.grad_clip_value)
     skipped_gen = faults.guarded_step(state, "gen", state.opt_gen, update_ok)
 
-    _ema_update(state, rt.images_seen, n)
+    _ema_update(state, rt, n)
     return {"loss_fake": loss_fake, "nonfinite_fake": nonfinite_fake, "loss_gen": loss_gen,
             "loss_gen_remain": sum_remain / n_r, "loss_gen_forget": sum_forget / n_f,
             "nonfinite_gen": nonfinite_gen, **skipped_fake, **skipped_gen}

@@ -7,7 +7,10 @@ the host: the finite flag stays on the device and the update is made a no-op by
 - fused Adam/AdamW: the optimizer's own ``found_inf`` input (the mechanism ``GradScaler``
   uses; the kernel leaves params, moments and step count untouched), no copies;
 - any other optimizer: a snapshot of params and optimizer state, restored with ``torch.where``
-  (one extra copy of params + state per step; use ``fused=True`` Adam for large models).
+  (one extra copy of params + state per step; use ``fused=True`` Adam for large models, as
+  ``SFDState.create`` does on CUDA). An optimizer that keeps host-side step counters (plain
+  Adam on CUDA) is switched to ``capturable`` first: restoring a CPU counter from a device flag
+  would be a device-to-host sync per parameter.
 
 The "raise" policy reads the flag on the host: one sync per optimizer step, by request.
 Runs that keep failing are stopped by ``check_health`` (a host read the caller makes when it
@@ -118,8 +121,28 @@ def guarded_step(state, name: str, optimizer: torch.optim.Optimizer, finite: tor
     return {f"skipped_{name}": mon.skipped[name].clone(), f"nonfinite_streak_{name}": mon.streak[name].clone()}
 
 
+def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Adam-style ``capturable=True``: step counters on ``device`` (no host read in the update).
+
+    Needed for CUDA-graph capture, and by ``_masked_step`` so that restoring a skipped update
+    stays on the device.
+    """
+    for group in optimizer.param_groups:
+        group["capturable"] = True
+    for st in optimizer.state.values():
+        if "step" in st:
+            st["step"] = st["step"].to(device=device, dtype=torch.float32)
+
+
+def _has_host_counters(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
+    """True for an optimizer with a ``capturable`` switch that is off while its params are on ``device``."""
+    return device.type != "cpu" and any("capturable" in g and not g["capturable"] for g in optimizer.param_groups)
+
+
 def _masked_step(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
     """Step any optimizer, then put params and state back where ``finite`` is False."""
+    if _has_host_counters(optimizer, finite.device):
+        make_capturable(optimizer, finite.device)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     old_params = [p.detach().clone() for p in params]
     old_state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items() if torch.is_tensor(v)}

@@ -86,7 +86,7 @@ def use_master_weights(module: nn.Module, optimizer: torch.optim.Adam,
         raise ValueError("the optimizer must hold exactly the module's parameters")
     group = optimizer.param_groups[0]
     master_opt = MasterWeightAdam(params, lr=group["lr"], betas=group["betas"], eps=group["eps"],
-                                  weight_decay=group["weight_decay"])
+                                  weight_decay=group["weight_decay"], fused=group["fused"])
     with torch.no_grad():
         for p in params:
             p.data = p.data.to(dtype)  # keeps the Parameter objects (hooks, optimizer references)

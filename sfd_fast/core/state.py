@@ -34,12 +34,15 @@ class SFDState:
     images_seen: int = 0
 
     @classmethod
-    def create(cls, config: SFDConfig, teacher: nn.Module,
-               device: torch.device | str | None = None, conditions=None) -> "SFDState":
+    def create(cls, config: SFDConfig, teacher: nn.Module, device: torch.device | str | None = None,
+               conditions=None, fused_adam: bool | None = None) -> "SFDState":
         """Copy the teacher into fake score and generator and build their optimizers.
 
         ``conditions``: any object with ``sample_conditions`` (e.g. text prompts); default: the
         ForgetSpec of ``config.forget_classes`` over ``teacher.num_classes``.
+        ``fused_adam``: one fused kernel per update with its step counters on the device (None:
+        on CUDA). The non-finite guard then skips an update through Adam's own ``found_inf``
+        input, with no host sync and no snapshot; the CPU default stays torch's plain Adam.
         """
         device = torch.device(device) if device is not None else next(teacher.parameters()).device
         forget = conditions if conditions is not None else ForgetSpec.from_config(config, teacher.num_classes)
@@ -48,8 +51,11 @@ class SFDState:
         generator = OneStepGenerator(copy.deepcopy(teacher), config.sigma_init).train().requires_grad_(True)
         generator_ema = copy.deepcopy(generator).eval().requires_grad_(False)
 
+        fused = device.type == "cuda" if fused_adam is None else fused_adam
+
         def adam(params, lr):
-            return torch.optim.Adam(params, lr=lr, betas=config.adam_betas, eps=config.adam_eps)
+            return torch.optim.Adam(params, lr=lr, betas=config.adam_betas, eps=config.adam_eps,
+                                    fused=fused or None)
 
         rng = torch.Generator(device=device)
         rng.manual_seed(config.seed)
