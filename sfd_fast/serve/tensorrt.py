@@ -2,15 +2,21 @@
 
 TensorRT needs a CUDA host: ``pip install tensorrt`` (NVIDIA wheels, CUDA 12). Without it every
 entry point raises TensorRTUnavailable naming the missing piece; use OnnxRuntimeRunner instead.
+
+The checks the runner makes before handing raw pointers to TensorRT (dtypes, device, strides, the
+optimisation profile) are plain functions over the engine's metadata (``io_specs``, ``check_input``,
+``check_shape``, ``set_input_shape``, ``bind_inputs``), so they are tested without TensorRT.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from packaging.version import Version
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -26,7 +32,7 @@ def _import_tensorrt():
         raise TensorRTUnavailable(
             "TensorRT is not installed: on a CUDA host run `pip install tensorrt` (>= 10); "
             "or serve the .onnx with the onnxruntime runner (sfd_fast.serve.OnnxRuntimeRunner)") from exc
-    if int(trt.__version__.split(".")[0]) < 10:
+    if Version(trt.__version__).major < 10:
         raise TensorRTUnavailable(f"TensorRT >= 10 is required, found {trt.__version__}")
     if not torch.cuda.is_available():
         raise TensorRTUnavailable("TensorRT needs a CUDA GPU and none is visible to torch; use the onnxruntime runner")
@@ -94,8 +100,111 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike | 
     return engine_path
 
 
+# trt.DataType member name -> torch dtype. By name so that this table (and the checks below) need no
+# TensorRT import; INT4/FP4 have no torch dtype and are refused by torch_dtype.
+_TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
+                 "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8,
+                 "FP8": torch.float8_e4m3fn}
+
+
+def _enum_name(value) -> str:
+    """The member name of a TensorRT enum value (pybind11 enums have .name), or of its str()."""
+    name = value if isinstance(value, str) else getattr(value, "name", str(value))
+    return name.rsplit(".", 1)[-1]
+
+
+def torch_dtype(trt_dtype) -> torch.dtype:
+    """The torch dtype of a ``trt.DataType`` (or its member name, e.g. ``"HALF"``)."""
+    name = _enum_name(trt_dtype)
+    if name not in _TORCH_DTYPES:
+        raise ValueError(f"TensorRT dtype {name} has no torch equivalent (known: {sorted(_TORCH_DTYPES)})")
+    return _TORCH_DTYPES[name]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What the engine wants for one I/O tensor."""
+
+    name: str
+    dtype: torch.dtype  # from engine.get_tensor_dtype(name)
+    profile: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None  # (min, opt, max); None for outputs
+
+
+def io_specs(engine, profile_index: int = 0) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    """(inputs, outputs) of an ICudaEngine (or any object with its metadata queries), by tensor name.
+
+    Uses engine.num_io_tensors, get_tensor_name(i), get_tensor_mode(name) (TensorIOMode INPUT/OUTPUT),
+    get_tensor_dtype(name) and, for inputs, get_tensor_profile_shape(name, profile_index) -> [min, opt, max].
+    """
+    inputs, outputs = {}, {}
+    for i in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(i)
+        mode = _enum_name(engine.get_tensor_mode(name))
+        dtype = torch_dtype(engine.get_tensor_dtype(name))
+        if mode == "INPUT":
+            lo, opt, hi = (tuple(int(d) for d in dims) for dims in engine.get_tensor_profile_shape(name, profile_index))
+            inputs[name] = TensorSpec(name, dtype, (lo, opt, hi))
+        elif mode == "OUTPUT":
+            outputs[name] = TensorSpec(name, dtype, None)
+    return inputs, outputs
+
+
+def check_input(spec: TensorSpec, tensor: torch.Tensor, device: torch.device) -> None:
+    """Raise ValueError unless ``tensor`` is what TensorRT will read at its data_ptr(): the engine's
+    dtype, on the engine's device, contiguous. TensorRT takes a raw pointer, so a wrong dtype is read
+    as garbage (int64 labels read as int32 give label 0 every other row) and a host pointer faults."""
+    if tensor.dtype != spec.dtype:
+        raise ValueError(f"input {spec.name!r}: dtype {tensor.dtype} given, the engine wants {spec.dtype}")
+    if tensor.device != device:
+        raise ValueError(f"input {spec.name!r}: on {tensor.device}, the engine runs on {device} (CUDA tensors only)")
+    if not tensor.is_contiguous():
+        raise ValueError(f"input {spec.name!r}: not contiguous (strides {tuple(tensor.stride())}); "
+                         "TensorRT reads a dense row-major buffer, pass tensor.contiguous()")
+
+
+def _profile_text(spec: TensorSpec) -> str:
+    lo, opt, hi = spec.profile
+    return f"min {lo}, opt {opt}, max {hi}"
+
+
+def check_shape(spec: TensorSpec, shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless every dim of ``shape`` lies within the profile's min..max."""
+    lo, _, hi = spec.profile
+    shape = tuple(int(d) for d in shape)
+    if len(shape) != len(lo) or not all(a <= d <= b for a, d, b in zip(lo, shape, hi)):
+        raise ValueError(f"input {spec.name!r}: shape {shape} is outside the engine's optimisation profile "
+                         f"({_profile_text(spec)}); rebuild the engine with other batch_sizes or split the batch")
+
+
+def set_input_shape(context, spec: TensorSpec, shape: tuple[int, ...]) -> None:
+    """context.set_input_shape, with its False return (shape refused by TensorRT) turned into an error."""
+    check_shape(spec, shape)
+    if not context.set_input_shape(spec.name, tuple(int(d) for d in shape)):
+        raise ValueError(f"TensorRT refused shape {tuple(shape)} for input {spec.name!r} "
+                         f"(profile {_profile_text(spec)}); see the TensorRT log above")
+
+
+def bind_inputs(context, specs: dict[str, TensorSpec], feeds: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Check every input, then set its shape and address on the context. Nothing is bound when any
+    check fails, so a refused call leaves no half-set context behind the error."""
+    if set(feeds) != set(specs):
+        raise ValueError(f"the engine's inputs are {sorted(specs)}, got {sorted(feeds)}")
+    for name, t in feeds.items():
+        check_input(specs[name], t, device)
+        check_shape(specs[name], tuple(t.shape))
+    for name, t in feeds.items():
+        set_input_shape(context, specs[name], tuple(t.shape))
+        context.set_tensor_address(name, t.data_ptr())
+
+
 class TensorRTRunner:
-    """Runs a saved engine on the current CUDA stream; takes and returns torch CUDA tensors."""
+    """Runs a saved engine on the current CUDA stream; takes and returns torch CUDA tensors.
+
+    ``run(feeds)`` is the strict path: CUDA tensors on ``self.device`` with exactly the engine's dtypes
+    (``self.inputs[name].dtype``), contiguous, within the optimisation profile; anything else raises
+    ValueError naming the input. ``runner(z, cond)`` is the common runner interface on top of it: host
+    (CPU) tensors are copied to ``self.device`` and made contiguous, dtypes are never converted.
+    """
 
     name = "tensorrt"
 
@@ -108,21 +217,36 @@ class TensorRTRunner:
         if self.engine is None:
             raise RuntimeError(f"could not deserialize TensorRT engine {engine_path} (built with another version?)")
         self.context = self.engine.create_execution_context()
+        self.device = torch.device("cuda", torch.cuda.current_device())  # the context's device
+        self.inputs, self.outputs = io_specs(self.engine)
+        if set(self.inputs) != {"z", "cond"} or len(self.outputs) != 1:
+            raise ValueError(f"{engine_path}: expected inputs z, cond and one output; the engine has inputs "
+                             f"{sorted(self.inputs)} and outputs {sorted(self.outputs)}")
+        self.output_name = next(iter(self.outputs))
         self.image_shape = tuple(self.meta["inputs"]["z"]["shape"][1:])
         self.num_classes = self.meta.get("num_classes")
-        self.max_batch = self.meta["profile"]["max"]
+        self.max_batch = self.inputs["z"].profile[2][0]
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Outputs by name for ``feeds`` (input name -> CUDA tensor); enqueued on the current stream."""
+        bind_inputs(self.context, self.inputs, feeds, self.device)
+        outs = {}
+        for name, spec in self.outputs.items():
+            shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise RuntimeError(f"TensorRT could not infer the shape of output {name!r} ({shape}) from the "
+                                   f"inputs {({n: tuple(t.shape) for n, t in feeds.items()})}")
+            outs[name] = torch.empty(shape, device=self.device, dtype=spec.dtype)
+            self.context.set_tensor_address(name, outs[name].data_ptr())
+        # Tensors freed after return are safe: the caching allocator reuses them only for later work
+        # on this same stream.
+        if not self.context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
+        return outs
 
     def __call__(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        b = z.shape[0]
-        if not 1 <= b <= self.max_batch:
-            raise ValueError(f"batch {b} is outside the engine's profile 1..{self.max_batch}")
-        z = z.to("cuda", torch.float32).contiguous()
-        cond = cond.to("cuda").contiguous()
-        out = torch.empty((b, *self.image_shape), device="cuda", dtype=torch.float32)
-        for name, t in (("z", z), ("cond", cond)):
-            self.context.set_input_shape(name, tuple(t.shape))
-            self.context.set_tensor_address(name, t.data_ptr())
-        self.context.set_tensor_address("image", out.data_ptr())
-        if not self.context.execute_async_v3(torch.cuda.current_stream().cuda_stream):
-            raise RuntimeError("TensorRT execute_async_v3 failed")
-        return out
+        if z.shape[0] != cond.shape[0]:
+            raise ValueError(f"z and cond disagree on the batch size: {z.shape[0]} vs {cond.shape[0]}")
+        feeds = {"z": z, "cond": cond}
+        feeds = {n: (t.to(self.device) if t.device.type == "cpu" else t).contiguous() for n, t in feeds.items()}
+        return self.run(feeds)[self.output_name]
