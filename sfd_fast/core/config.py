@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,27 @@ from typing import Any
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
+
+
+def _number(name: str, value: Any, kind: str) -> Any:
+    """``value`` as the field's type ("int", "float", "float | None"), or a ValueError naming it.
+
+    JSON and ``--set`` hand in anything: 1.5 or "abc" for an int, null, NaN or Infinity for a
+    float would otherwise train silently into a NaN model (issue 19).
+    """
+    optional = kind.endswith("| None")
+    if value is None and optional:
+        return None
+    wanted = "an integer" if kind == "int" else "a finite number" + (" or null" if optional else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be {wanted}, got {value!r} ({type(value).__name__})")
+    if kind == "int":
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError(f"{name} must be {wanted}, got {value!r}")
+        return int(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -66,7 +88,12 @@ class SFDConfig:
         object.__setattr__(self, "forget_classes", tuple(int(c) for c in self.forget_classes))
         if self.override_classes is not None:
             object.__setattr__(self, "override_classes", tuple(int(c) for c in self.override_classes))
-        object.__setattr__(self, "adam_betas", tuple(float(b) for b in self.adam_betas))
+        for f in dataclasses.fields(self):
+            if f.type in ("int", "float", "float | None"):
+                object.__setattr__(self, f.name, _number(f.name, getattr(self, f.name), f.type))
+        _check(isinstance(self.adam_betas, (tuple, list)) and len(self.adam_betas) == 2,
+               f"adam_betas must be two numbers [beta1, beta2], got {self.adam_betas!r}")
+        object.__setattr__(self, "adam_betas", tuple(_number("adam_betas", b, "float") for b in self.adam_betas))
         _check(len(self.forget_classes) >= 1, "forget_classes is empty; give at least one class to forget")
         _check(len(set(self.forget_classes)) == len(self.forget_classes),
                f"forget_classes {self.forget_classes} contains duplicates")
@@ -77,7 +104,7 @@ class SFDConfig:
         for name in ("batch_size", "forget_batch_size"):
             _check(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("sigma_init", "sigma_data", "sigma_min", "sigma_max", "rho", "p_std",
-                     "lr_gen", "lr_fake", "omega_min", "ema_halflife_kimg"):
+                     "lr_gen", "lr_fake", "omega_min", "ema_halflife_kimg", "adam_eps"):
             _check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("lambda_sg", "lambda_g", "fake_loss_scale", "gen_loss_scale"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
@@ -91,6 +118,8 @@ class SFDConfig:
                f"max_consecutive_nonfinite must be >= 0 (0 = never stop), got {self.max_consecutive_nonfinite}")
         if self.grad_clip_value is not None:
             _check(self.grad_clip_value > 0, f"grad_clip_value must be > 0 or None, got {self.grad_clip_value}")
+        if self.ema_rampup_ratio is not None:
+            _check(self.ema_rampup_ratio > 0, f"ema_rampup_ratio must be > 0 or None, got {self.ema_rampup_ratio}")
 
     def replace(self, **changes: Any) -> "SFDConfig":
         return dataclasses.replace(self, **changes)
