@@ -96,6 +96,6 @@ def test_checkpoint_of_another_config_is_refused(saved):
 
 def test_checkpoint_is_plain_json_and_safetensors(saved):
     path, _ = saved
-    assert sorted(p.name for p in path.iterdir()) == ["state.json", "state.safetensors"]
+    assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "state.json", "state.safetensors"]
     meta = json.loads((path / "state.json").read_text())
     assert meta["step"] == 1 and len(meta["weights"]["sha256"]) == 64

@@ -6,12 +6,17 @@ A checkpoint is a directory ``<root>/step-<8 digits>/`` holding
   (``opt_<name>/<param index>/<key>``); every rank's RNG states (the state's torch.Generator,
   the global CPU generator, each CUDA device's); the fault counters;
 - ``state.json``: step, images_seen, world size, config, the optimizers' param groups and
-  non-tensor state, and the size and sha256 of ``state.safetensors``.
+  non-tensor state, and the size and sha256 of ``state.safetensors``;
+- ``manifest.json`` (written last): the size and sha256 of every other file, so an edit of
+  ``state.json`` (step, lr, images_seen) is caught like a damaged weight file.
 
 The directory is built under a temporary name and renamed into place, so a crash mid-save
-never leaves a half checkpoint. Loading checks size, hash, config, world size and every
-tensor's name and shape *before* touching the state: a truncated or tampered file is refused
-with ``CheckpointError`` and the state is left as it was. Nothing is unpickled.
+never leaves a half checkpoint (and the next save removes temporary folders a kill left).
+Loading checks every file's size and hash, the metadata's structure, config, world size, every
+tensor's name and shape, the optimizers' parameter groups and the RNG states *before* touching
+the state: a truncated, edited or foreign file is refused with ``CheckpointError`` and the
+state is left as it was. ``resume_latest`` falls back to the newest checkpoint that verifies.
+Nothing is unpickled.
 Collective: in a distributed run every rank calls ``save_checkpoint`` (RNG states are
 gathered) and rank 0 alone writes.
 """
@@ -34,9 +39,11 @@ from ..io.atomic import CheckpointError, atomic_write_bytes
 from . import distributed as dist_utils
 
 FORMAT = "sfd_fast.train.checkpoint"
-VERSION = 1
+VERSION = 2  # 2: manifest.json over every file; 1 (still read): weights hash inside state.json only
 WEIGHTS_FILE = "state.safetensors"
 META_FILE = "state.json"
+MANIFEST_FILE = "manifest.json"
+_TMP_DIR = re.compile(r"^\.step-\d{8,}\.tmp-")
 _STEP_DIR = re.compile(r"^step-(\d{8,})$")
 MODULES = ("fake", "generator", "generator_ema")
 OPTIMIZERS = {"opt_fake": "fake", "opt_gen": "generator"}
@@ -116,14 +123,18 @@ def save_checkpoint(state, root: str | os.PathLike, keep_last: int | None = None
     meta = {
         "format": FORMAT, "version": VERSION, "step": state.step, "images_seen": state.images_seen,
         "world_size": dist_utils.world_size(), "config": state.config.to_dict(), "optimizers": optimizers,
-        "weights": {"file": WEIGHTS_FILE, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()},
+        "weights": {"file": WEIGHTS_FILE, **_record(blob)},
     }
+    meta_bytes = json.dumps(meta, indent=1, sort_keys=True).encode()
+    manifest = {"format": FORMAT, "version": VERSION, "files": {WEIGHTS_FILE: _record(blob), META_FILE: _record(meta_bytes)}}
     final = checkpoint_dir(root, state.step)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(final.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         atomic_write_bytes(tmp / WEIGHTS_FILE, blob)
-        atomic_write_bytes(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True).encode())
+        atomic_write_bytes(tmp / META_FILE, meta_bytes)
+        atomic_write_bytes(tmp / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True).encode())
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -137,32 +148,111 @@ def save_checkpoint(state, root: str | os.PathLike, keep_last: int | None = None
     return final
 
 
+def _record(data: bytes) -> dict:
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """Delete half-written ``.step-*.tmp-*`` folders that a kill during a save left behind.
+
+    Only rank 0 saves, one checkpoint at a time, so no other writer can own one.
+    """
+    for p in root.iterdir():
+        if _TMP_DIR.match(p.name) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _verified_bytes(file: Path, recorded: dict) -> bytes:
+    """The file's bytes if its size and sha256 are the recorded ones, else CheckpointError."""
+    if not file.is_file():
+        raise CheckpointError(f"{str(file)!r} is missing")
+    data = file.read_bytes()
+    if len(data) != recorded["bytes"]:
+        raise CheckpointError(f"{str(file)!r} has {len(data)} bytes but the checkpoint recorded "
+                              f"{recorded['bytes']}: truncated or replaced; nothing was loaded")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != recorded["sha256"]:
+        raise CheckpointError(f"{str(file)!r} sha256 {digest} does not match the recorded "
+                              f"{recorded['sha256']}: corrupted or edited; nothing was loaded")
+    return data
+
+
+def _json(data: bytes, where: Path):
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{str(where)!r} is corrupt or truncated: {exc}") from exc
+
+
+def _check_structure(meta, where: Path) -> None:
+    """The fields load_checkpoint reads, with their types: a foreign or hand-made state.json is refused."""
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise CheckpointError(f"{str(where)!r} is not a valid checkpoint: {what}; nothing was loaded")
+
+    need(isinstance(meta, dict), f"expected a JSON object, got {type(meta).__name__}")
+    need(meta.get("format") == FORMAT and meta.get("version") in (1, VERSION),
+         f"not an {FORMAT} v1/v{VERSION} file (format={meta.get('format')!r}, version={meta.get('version')!r})")
+    for key in ("step", "images_seen", "world_size"):
+        need(type(meta.get(key)) is int and meta[key] >= 0, f"{key} must be an integer >= 0, got {meta.get(key)!r}")
+    need(isinstance(meta.get("config"), dict), "config must be a JSON object")
+    need(isinstance(meta.get("weights"), dict) and {"bytes", "sha256"} <= set(meta["weights"]),
+         "weights must record bytes and sha256")
+    optimizers = meta.get("optimizers")
+    need(isinstance(optimizers, dict) and set(OPTIMIZERS) <= set(optimizers), f"optimizers must hold {list(OPTIMIZERS)}")
+    for name in OPTIMIZERS:
+        part = optimizers[name]
+        need(isinstance(part, dict) and isinstance(part.get("param_groups"), list)
+             and isinstance(part.get("non_tensor_state"), dict), f"optimizers.{name} is malformed")
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """(tensors on CPU, metadata) of a checkpoint directory, after the size and sha256 checks."""
+    """(tensors on CPU, metadata) of a checkpoint directory, after every size, hash and structure check."""
     path = Path(path)
-    meta_file, weights_file = path / META_FILE, path / WEIGHTS_FILE
+    meta_file, weights_file, manifest_file = path / META_FILE, path / WEIGHTS_FILE, path / MANIFEST_FILE
     if not meta_file.is_file():
         raise CheckpointError(f"{str(path)!r} is not a checkpoint directory: {META_FILE} is missing")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{str(meta_file)!r} is corrupt or truncated: {exc}") from exc
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CheckpointError(f"{str(meta_file)!r} is not an {FORMAT} v{VERSION} file "
-                              f"(format={meta.get('format')!r}, version={meta.get('version')!r})")
-    if not weights_file.is_file():
-        raise CheckpointError(f"{str(weights_file)!r} is missing")
-    blob = weights_file.read_bytes()
-    expected = meta["weights"]
-    if len(blob) != expected["bytes"]:
-        raise CheckpointError(f"{str(weights_file)!r} has {len(blob)} bytes but the checkpoint recorded "
-                              f"{expected['bytes']}: truncated or replaced; nothing was loaded")
-    digest = hashlib.sha256(blob).hexdigest()
-    if digest != expected["sha256"]:
-        raise CheckpointError(f"{str(weights_file)!r} sha256 {digest} does not match the recorded "
-                              f"{expected['sha256']}: corrupted or tampered; nothing was loaded")
+    if manifest_file.is_file():
+        manifest = _json(manifest_file.read_bytes(), manifest_file)
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or {META_FILE, WEIGHTS_FILE} - set(files):
+            raise CheckpointError(f"{str(manifest_file)!r} does not list {META_FILE} and {WEIGHTS_FILE}; "
+                                  "nothing was loaded")
+        meta = _json(_verified_bytes(meta_file, files[META_FILE]), meta_file)
+        _check_structure(meta, meta_file)
+        blob = _verified_bytes(weights_file, files[WEIGHTS_FILE])
+    else:
+        meta = _json(meta_file.read_bytes(), meta_file)
+        _check_structure(meta, meta_file)
+        if meta["version"] != 1:
+            raise CheckpointError(f"{str(manifest_file)!r} is missing (a v{meta['version']} checkpoint has one); "
+                                  "nothing was loaded")
+        blob = _verified_bytes(weights_file, meta["weights"])  # v1: state.json itself is not covered
     from safetensors.torch import load
-    return load(blob), meta  # the verified bytes themselves, not a second read of the file
+    try:
+        return load(blob), meta  # the verified bytes themselves, not a second read of the file
+    except Exception as exc:  # safetensors raises its own error types on bytes that are not its format
+        raise CheckpointError(f"{str(weights_file)!r} is not a safetensors file ({type(exc).__name__}: {exc}); "
+                              "nothing was loaded") from exc
+
+
+def resume_latest(root: str | os.PathLike, state) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """Load the newest checkpoint under ``root`` that verifies; older ones stand in for damaged ones.
+
+    Returns (the checkpoint loaded or None, [(skipped newer checkpoint, why)]). Only damage
+    (files, hashes, structure) falls back; a checkpoint of another config or world size raises,
+    since every checkpoint of the same run would.
+    """
+    skipped = []
+    for path in reversed(list_checkpoints(root)):
+        try:
+            tensors, meta = read_checkpoint(path)
+        except CheckpointError as exc:
+            skipped.append((path, str(exc)))
+            continue
+        _restore(path, state, tensors, meta)
+        return path, skipped
+    return None, skipped
 
 
 def _check_module(tensors: dict, prefix: str, module: torch.nn.Module, where: Path) -> dict[str, torch.Tensor]:
@@ -200,7 +290,19 @@ def load_checkpoint(path: str | os.PathLike, state) -> dict:
     """
     path = Path(path)
     tensors, meta = read_checkpoint(path)
-    saved_cfg = SFDConfig.from_dict(meta["config"])
+    return _restore(path, state, tensors, meta)
+
+
+def _rng_is_usable(t: torch.Tensor, like: torch.Tensor) -> bool:
+    return t.dtype == torch.uint8 and t.shape == like.shape
+
+
+def _restore(path: Path, state, tensors: dict, meta: dict) -> dict:
+    """load_checkpoint after read_checkpoint: every check first, then mutate ``state``."""
+    try:
+        saved_cfg = SFDConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{str(path)!r}: its config is not valid ({exc}); nothing was loaded") from exc
     if saved_cfg != state.config:
         diff = {k: (v, getattr(state.config, k)) for k, v in saved_cfg.to_dict().items()
                 if v != getattr(state.config, k)}
@@ -212,9 +314,22 @@ def load_checkpoint(path: str | os.PathLike, state) -> dict:
                               "bit-exact resume needs the same world size")
     modules = {mod: _check_module(tensors, mod, getattr(state, mod), path) for mod in MODULES}
     opt_dicts = {name: _optimizer_state_dict(tensors, meta, name) for name in OPTIMIZERS}
+    for name, sd in opt_dicts.items():
+        current = getattr(state, name).param_groups
+        sizes = [len(g.get("params", ())) if isinstance(g, dict) else -1 for g in sd["param_groups"]]
+        if sizes != [len(g["params"]) for g in current]:
+            raise CheckpointError(f"{str(path)!r}: {name} has parameter groups of sizes {sizes}, this run's have "
+                                  f"{[len(g['params']) for g in current]}; nothing was loaded")
     rng = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"rng/rank{r}/")}
     if "state" not in rng or "torch_cpu" not in rng:
         raise CheckpointError(f"{str(path)!r} has no RNG state for rank {r}; nothing was loaded")
+    current_rng = {"state": state.rng.get_state(), "torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        current_rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    for key, like in current_rng.items():
+        if key in rng and not _rng_is_usable(rng[key], like):
+            raise CheckpointError(f"{str(path)!r}: RNG state {key!r} has dtype {rng[key].dtype} and shape "
+                                  f"{tuple(rng[key].shape)}, expected uint8 {tuple(like.shape)}; nothing was loaded")
 
     # Everything is verified: now mutate.
     device = state.device

@@ -19,9 +19,10 @@ from typing import Callable
 
 from ..core.faults import check_health
 from ..core.state import SFDState
+from ..io.atomic import CheckpointError
 from ..core.step import train_step
 from . import distributed as dist_utils
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import resume_latest, save_checkpoint
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -33,13 +34,16 @@ class RunResult:
     interrupted: bool = False            # a stop signal ended the run early (after saving)
     checkpoint: Path | None = None       # the last checkpoint written (rank 0), if any
     resumed_from: Path | None = None     # the checkpoint the run started from, if any
+    skipped: list[tuple[Path, str]] = field(default_factory=list)  # newer checkpoints that failed to verify
     log: list[dict[str, float]] = field(default_factory=list)
 
     def report_start_and_stop(self, say: Callable[[str], None] = print) -> bool:
         """Say where the run resumed from and whether a signal stopped it; True if it did (then the
         caller writes no final outputs: the checkpoint is the result)."""
+        for path, why in self.skipped:
+            say(f"skipped damaged checkpoint {path}: {why}")
         if self.resumed_from is not None:
-            say(f"resumed from {self.resumed_from}")
+            say(f"resumed from {self.resumed_from}" + (" (the newest checkpoint that verifies)" if self.skipped else ""))
         if self.interrupted:
             say(f"interrupted at step {self.state.step}; checkpoint {self.checkpoint}; continue with --resume")
         return self.interrupted
@@ -84,12 +88,15 @@ def run_resilient(state: SFDState, steps: int, *, checkpoint_root: str | Path | 
         raise ValueError("resume and checkpoint_every need a checkpoint directory (checkpoint_root)")
     result = RunResult(state)
     if resume:
-        found = latest_checkpoint(checkpoint_root)
+        found, result.skipped = resume_latest(checkpoint_root, state)
+        for path, why in result.skipped:
+            log.warning("skipping damaged checkpoint %s: %s", path, why)
+        if found is None and result.skipped:
+            raise CheckpointError(f"no checkpoint under {checkpoint_root} verifies ({len(result.skipped)} damaged); "
+                                  f"the newest: {result.skipped[0][1]}")
         if found is None:
             log.warning("no checkpoint under %s: starting from step 0", checkpoint_root)
-        else:
-            load_checkpoint(found, state)
-            result.resumed_from = found
+        result.resumed_from = found
     start = time.perf_counter()
     distributed = dist_utils.is_initialized()
 
