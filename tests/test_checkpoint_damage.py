@@ -129,3 +129,19 @@ def test_version_1_checkpoints_still_load(run):
     (paths[-1] / "state.safetensors").write_bytes(b"x")
     with pytest.raises(CheckpointError, match="truncated or replaced"):
         load_checkpoint(paths[-1], fresh())
+
+
+def test_non_finite_weights_are_never_checkpointed(run):
+    """An update can overflow a weight with finite gradients: the save refuses and names the last good one."""
+    from sfd_fast.core.faults import NonFiniteError, check_health
+
+    paths, fresh = run
+    state = fresh()
+    load_checkpoint(paths[-1], state)
+    with torch.no_grad():
+        next(state.generator.parameters()).view(-1)[0] = float("inf")
+    with pytest.raises(NonFiniteError, match=f"generator.*non-finite; the last good checkpoint is .*{paths[-1].name}"):
+        save_checkpoint(state, paths[0].parent)
+    assert [p.name for p in list_checkpoints(paths[0].parent)] == [p.name for p in paths]
+    with pytest.raises(NonFiniteError, match="generator weights became non-finite"):
+        check_health(state)

@@ -76,3 +76,28 @@ def test_a_run_that_keeps_failing_stops(tiny_teacher):
 def test_bad_policy_is_refused():
     with pytest.raises(ValueError, match="nonfinite_policy must be 'skip', 'raise' or 'sanitize', got 'ignore'"):
         SFDConfig(nonfinite_policy="ignore")
+
+
+@pytest.mark.parametrize("options", [None, "fused"])
+def test_a_batch_of_only_masked_samples_is_skipped(tiny_teacher, options):
+    """Every sample's loss NaN (a NaN teacher output): nothing to learn from, so the update is a
+    counted skip (not Adam momentum alone), and the run stops at the consecutive-skip limit."""
+    state = SFDState.create(CFG, tiny_teacher)
+    original = state.teacher.forward
+    state.teacher.forward = lambda x, sigma, c: original(x, sigma, c) * float("nan")
+    before = [p.detach().clone() for p in state.generator.parameters()]
+    metrics = train_step(state, options=options)
+    assert int(metrics["nonfinite_gen"]) == 5 and int(metrics["skipped_gen"]) == 1
+    assert int(metrics["skipped_fake"]) == 0  # the fake score's own loss is fine
+    assert all(torch.equal(a, b) for a, b in zip(before, state.generator.parameters()))
+
+
+def test_plain_distill_stops_on_a_nan_teacher(tiny_teacher):
+    """The plain loop checks health at each log: a NaN teacher is an error, not a saved NaN model."""
+    from sfd_fast.train.distill import distill
+
+    with torch.no_grad():
+        for p in tiny_teacher.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(NonFiniteError, match="weights became non-finite"):
+        distill(tiny_teacher, CFG, steps=2, log_every=1, progress=False)

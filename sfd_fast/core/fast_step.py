@@ -280,7 +280,7 @@ def _step_body(state: SFDState, rt: _Runtime, cond: Conditions) -> dict[str, tor
         loss.backward(inputs=fake_params)
         loss_fake = loss_fake + loss.detach()
         nonfinite_fake = nonfinite_fake + (~torch.isfinite(per_sample)).sum()
-    update_ok = faults.check_finite(loss_fake, fake_params)
+    update_ok = faults.check_finite(loss_fake, fake_params, nonfinite_fake == n)
     sanitize_grads(fake_params, None)
     skipped_fake = faults.guarded_step(state, "fake", state.opt_fake, update_ok)
 
@@ -304,7 +304,7 @@ def _step_body(state: SFDState, rt: _Runtime, cond: Conditions) -> dict[str, tor
             sum_remain = sum_remain + clean[:r_per].sum()
             sum_forget = sum_forget + clean[r_per:].sum()
             nonfinite_gen = nonfinite_gen + (~finite).sum()
-    update_ok = faults.check_finite(loss_gen, gen_params)
+    update_ok = faults.check_finite(loss_gen, gen_params, nonfinite_gen == n)
     sanitize_grads(gen_params, cfg.grad_clip_value)
     skipped_gen = faults.guarded_step(state, "gen", state.opt_gen, update_ok)
 

@@ -67,13 +67,19 @@ def monitor(state) -> FaultMonitor:
     return found
 
 
-def check_finite(loss: torch.Tensor, params: Iterable[torch.Tensor]) -> torch.Tensor:
+def check_finite(loss: torch.Tensor, params: Iterable[torch.Tensor],
+                 every_sample_masked: torch.Tensor | None = None) -> torch.Tensor:
     """0-d bool tensor: the loss and every gradient of ``params`` are finite, on every rank.
 
+    ``every_sample_masked`` (0-d bool, ``all_masked(per_sample)``): a batch whose every sample
+    was masked counts as non-finite too. Its update would be Adam momentum alone, and a run
+    with a NaN teacher would go on silently instead of being skipped, counted and stopped.
     No host sync. In a distributed run this is a collective (all ranks call it together).
     """
     grads = [p.grad for p in params if p.grad is not None]
     found_inf = (~torch.isfinite(loss.detach())).float().reshape(())
+    if every_sample_masked is not None:
+        found_inf = found_inf + every_sample_masked.float()
     if grads:
         # GradScaler's fused check (one pass over all grads); scale 1 leaves them unchanged.
         grad_inf = torch.zeros((), device=grads[0].device)
@@ -87,6 +93,11 @@ def check_finite(loss: torch.Tensor, params: Iterable[torch.Tensor]) -> torch.Te
         torch.distributed.all_reduce(found_inf)
         found_inf = found_inf.to(device)
     return found_inf == 0
+
+
+def all_masked(per_sample: torch.Tensor) -> torch.Tensor:
+    """0-d bool: no sample of the batch has a finite loss."""
+    return (~torch.isfinite(per_sample.detach())).all()
 
 
 def guarded_step(state, name: str, optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -165,11 +176,31 @@ def _masked_step(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None
         sync()
 
 
-def check_health(state, max_consecutive: int | None = None) -> None:
-    """Raise NonFiniteError if some optimizer skipped ``max_consecutive`` steps in a row.
+def nonfinite_modules(state, names=("generator", "fake", "generator_ema")) -> list[str]:
+    """Names of the state's trained networks that hold a NaN/inf weight (one host read).
 
-    One host read; call it where the loop syncs anyway (logging, checkpointing).
+    The guard checks losses and gradients; an update of finite gradients can still overflow a
+    weight (a huge lr), so weights are checked too before anything is saved or trusted.
     """
+    bad = []
+    for name in names:
+        params = [p.detach() for p in getattr(state, name).parameters() if p.is_floating_point()]
+        if params and not bool(torch.isfinite(torch.stack(torch._foreach_norm(params, float("inf")))).all()):
+            bad.append(name)
+    return bad
+
+
+def check_health(state, max_consecutive: int | None = None) -> None:
+    """Raise NonFiniteError if a trained network's weights are non-finite, or if some optimizer
+    skipped ``max_consecutive`` steps in a row.
+
+    A few host reads; call it where the loop syncs anyway (logging, checkpointing).
+    """
+    bad = nonfinite_modules(state)
+    if bad:
+        raise NonFiniteError(f"the {', '.join(bad)} weights became non-finite by step {state.step} (an update "
+                             "overflowed: lower the learning rate); nothing non-finite is saved, resume from the "
+                             "last checkpoint")
     limit = max_consecutive if max_consecutive is not None else getattr(
         state.config, "max_consecutive_nonfinite", None)
     if not limit:

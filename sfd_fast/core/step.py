@@ -39,7 +39,7 @@ def fake_score_step(state: SFDState, cond: Conditions, loss_fns: dispatch.LossFu
     loss, per_sample = loss_fns.edm_denoising_loss(denoised, x_g, weight)
     state.opt_fake.zero_grad(set_to_none=True)
     loss.backward()
-    update_ok = faults.check_finite(loss, state.fake.parameters())
+    update_ok = faults.check_finite(loss, state.fake.parameters(), faults.all_masked(per_sample))
     sanitize_grads(state.fake.parameters(), None)
     skipped = faults.guarded_step(state, "fake", state.opt_fake, update_ok)
     return {"loss_fake": loss.detach(), "nonfinite_fake": (~torch.isfinite(per_sample)).sum(), **skipped}
@@ -66,7 +66,7 @@ def generator_step(state: SFDState, cond: Conditions, loss_fns: dispatch.LossFun
                                                        omega_min=cfg.omega_min)
         state.opt_gen.zero_grad(set_to_none=True)
         loss.backward()
-    update_ok = faults.check_finite(loss, state.generator.parameters())
+    update_ok = faults.check_finite(loss, state.generator.parameters(), faults.all_masked(per_sample))
     sanitize_grads(state.generator.parameters(), cfg.grad_clip_value)
     skipped = faults.guarded_step(state, "gen", state.opt_gen, update_ok)
     finite = torch.isfinite(per_sample)

@@ -106,6 +106,11 @@ def save_checkpoint(state, root: str | os.PathLike, keep_last: int | None = None
     if any(getattr(p, "placements", None) is not None for p in state.generator.parameters()):
         raise CheckpointError("checkpoints of FSDP-sharded states are not supported yet; use mode='ddp' "
                               "(see docs/distributed.md, limits)")
+    bad = faults.nonfinite_modules(state)  # every rank: the weights are replicated (DDP)
+    if bad:
+        last = latest_checkpoint(root)
+        raise faults.NonFiniteError(f"refusing to checkpoint step {state.step}: the {', '.join(bad)} weights are "
+                                    f"non-finite; the last good checkpoint is {last if last else '(none)'}")
     tensors = _rng_tensors(state)  # collective: before the rank-0-only part
     if not dist_utils.is_main():
         dist_utils.barrier()

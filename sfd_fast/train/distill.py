@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.config import SFDConfig
+from ..core.faults import check_health
 from ..core.state import SFDState
 from ..core.step import train_step
 
@@ -34,4 +35,5 @@ def distill(teacher: nn.Module, config: SFDConfig, steps: int, *, device: str | 
                 bar.set_postfix(fake=f"{host['loss_fake']:.3f}", gen=f"{host['loss_gen']:.3f}")
                 if on_log is not None:
                     on_log(state.step, host)
+                check_health(state)  # a run of skipped updates or non-finite weights stops here
     return state
