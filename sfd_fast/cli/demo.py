@@ -16,7 +16,7 @@ from ..core.config import SFDConfig
 from ..core.forget import ForgetSpec
 from ..eval.classifier import CLASSIFIER_FILE, DigitClassifier
 from ..eval.evaluate import class_grid, evaluate_sampler, teacher_sampler
-from ..io.atomic import write_json
+from ..io.atomic import ensure_writable_dir, write_json
 from ..io.data import ASSETS
 from ..models.networks import load_denoiser, save_generator
 from ..train.distill import distill
@@ -33,15 +33,17 @@ def run_demo(out: str | Path, *, steps: int | None = None, seed: int = 0, forget
              teacher_dir: str | Path = TEACHER_DIR, classifier_path: str | Path = CLASSIFIER_FILE,
              device: str = "cpu", progress: bool = True) -> dict:
     start = time.perf_counter()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    steps = DEMO_STEPS if steps is None else steps
+    for name, value in (("steps", steps), ("per_class", per_class), ("teacher_steps", teacher_steps)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    out = ensure_writable_dir(out)  # refuse before training, not after it
     torch.manual_seed(seed)
     teacher = load_denoiser(teacher_dir, device)
     classifier = DigitClassifier.load(classifier_path, device)
     config = SFDConfig.from_name("demo").replace(seed=seed, forget_classes=tuple(forget),
                                                  override_classes=None if override is None else tuple(override))
     spec = ForgetSpec.from_config(config, teacher.num_classes)  # validates before any work
-    steps = steps or DEMO_STEPS
     log = []
     state = distill(teacher, config, steps, device=device, progress=progress,
                     on_log=lambda step, m: log.append({"step": step, **m}))

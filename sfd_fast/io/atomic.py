@@ -30,6 +30,26 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def ensure_writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Create ``path`` (and parents) and prove a file can be written there, before any long work.
+
+    Raises ValueError naming the option and the reason (a file in the way, no permission), so a
+    run is refused at its start instead of failing after training.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise ValueError(f"{what} {str(path)!r}: a file is in the way ({str(blocker)!r} must be a folder)") from None
+    except OSError as exc:
+        raise ValueError(f"{what} {str(path)!r} is not writable: {exc.strerror or exc}") from None
+    return path
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
     """safetensors file with an optional JSON-serialisable metadata dict, written atomically."""
     from safetensors.torch import save
