@@ -12,10 +12,15 @@ Loading order: the ``sfd_fast._C`` extension that ``setup.py`` built; else a JIT
 disabled by ``SFD_FAST_CUDA_JIT=0``); else ``available()`` says why. Importing this module
 never fails and never compiles anything; the first ``available()`` or loss call does.
 
-Differences from the reference, by design: rows whose loss is non-finite get exact zero
-gradients (the reference yields NaN there, since 0 * NaN = NaN); ``weight`` gets no gradient.
-Inputs must be contiguous CUDA tensors of one dtype in {fp32, bf16, fp16}; ``weight`` (B,) is
-cast to fp32. Bad input raises ValueError here (or RuntimeError from the C++ checks).
+Rows whose loss is non-finite are left out of ``total`` and get exact zero gradients, as in the
+reference; ``weight`` gets no gradient (by design). The backward writes only the gradients
+autograd asks for (``ctx.needs_input_grad``): the fake-score step, whose target is detached,
+gets dD alone.
+
+Inputs: CUDA tensors of one dtype in {fp32, bf16, fp16} and one memory layout, each sample one
+dense block (contiguous or channels_last; see ``_rows_are_dense``); gradients come back with the
+inputs' strides. ``weight`` (B,) is cast to fp32. Bad input raises ValueError here (or
+RuntimeError from the C++ checks in csrc/loss_checks.h, which say the same).
 """
 
 from __future__ import annotations
@@ -61,7 +66,7 @@ def sid_generator_loss(x_g: torch.Tensor, y_real: torch.Tensor, y_fake: torch.Te
                        omega_min: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused SiD/SFD generator loss; see ``sfd_fast.core.losses.sid_generator_loss`` for the math.
 
-    x_g, y_real, y_fake: (B, ...) one dtype; weight: (B,). Returns total () fp32 and
+    x_g, y_real, y_fake: (B, ...) one dtype, one layout; weight: (B,). Returns total () fp32 and
     per_sample (B,) fp32. Gradients flow to x_g, y_real, y_fake (omega is a constant).
     """
     _check_images((x_g, "x_g"), (y_real, "y_real"), (y_fake, "y_fake"))
@@ -77,8 +82,9 @@ def edm_denoising_loss(denoised: torch.Tensor, target: torch.Tensor,
                        weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused EDM loss; see ``sfd_fast.core.losses.edm_denoising_loss``.
 
-    denoised, target: (B, ...) one dtype; weight: (B,). Returns total () and per_sample (B,),
-    fp32. Gradients flow to denoised and target.
+    denoised, target: (B, ...) one dtype, one layout; weight: (B,). Returns total () and
+    per_sample (B,), fp32. Gradients flow to denoised and target (only those that require grad
+    are computed).
     """
     _check_images((denoised, "denoised"), (target, "target"))
     weight = _check_weight(weight, denoised)
@@ -87,7 +93,7 @@ def edm_denoising_loss(denoised: torch.Tensor, target: torch.Tensor,
     return torch.ops.sfd_fast_C.edm_loss_fwd(denoised, target, weight)
 
 
-# ---- validation (mirrors csrc/bindings.cpp, so errors read the same before any build) --------
+# ---- validation (mirrors csrc/loss_checks.h, so errors read the same before any build) ------
 
 def _check_images(*named: tuple[torch.Tensor, str]) -> None:
     ref, ref_name = named[0]
@@ -107,8 +113,37 @@ def _check_images(*named: tuple[torch.Tensor, str]) -> None:
         if t.dtype != ref.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; "
                              "all image inputs must share one dtype")
-        if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (call .contiguous()); got strides {t.stride()}")
+        if not _rows_are_dense(t):
+            raise ValueError(f"{name} (shape {tuple(t.shape)}, strides {t.stride()}) does not store each sample "
+                             "as one dense block; allowed: contiguous or channels_last layouts "
+                             f"({_LAYOUT_FIX})")
+        if _layout(t) != _layout(ref):
+            raise ValueError(f"{name} has strides {t.stride()} but {ref_name} has {ref.stride()}; all image "
+                             f"inputs must share one memory layout ({_LAYOUT_FIX})")
+
+
+_LAYOUT_FIX = "call .contiguous() or .contiguous(memory_format=torch.channels_last) on all inputs"
+
+
+def _rows_are_dense(t: torch.Tensor) -> bool:
+    """Sample b is the gap-free block [b*N, (b+1)*N) of memory, N = numel/B (csrc/loss_checks.h).
+
+    The kernels address rows as flat memory, so any dense order inside a row works (row sums
+    ignore element order); contiguous and channels_last are the common cases, checked first.
+    """
+    if t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)):
+        return True
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride != expected:  # a gap or an overlap
+            return False
+        expected *= size
+    return t.shape[0] == 1 or t.stride(0) == t.numel() // t.shape[0]
+
+
+def _layout(t: torch.Tensor) -> tuple[int, ...]:
+    """The strides that matter (a size-1 dim's stride is arbitrary): equal layouts index alike."""
+    return tuple(s for s, n in zip(t.stride(), t.shape) if n > 1)
 
 
 def _check_devices(*named: tuple[torch.Tensor, str]) -> None:
@@ -191,8 +226,14 @@ def _fake_sid_fwd(x_g, y_real, y_fake, weight, alpha, omega_min):
             x_g.new_empty((b,), dtype=torch.float32))
 
 
-def _fake_sid_bwd(grad_total, grad_per_sample, x_g, y_real, y_fake, weight, per_sample, omega, alpha):
-    return torch.empty_like(x_g), torch.empty_like(y_real), torch.empty_like(y_fake)
+def _grad_or_empty(like: torch.Tensor, need: bool) -> torch.Tensor:
+    """What the C++ backward returns: the gradient with like's strides, or an empty (0,) tensor."""
+    return torch.empty_like(like) if need else like.new_empty((0,))
+
+
+def _fake_sid_bwd(grad_total, grad_per_sample, x_g, y_real, y_fake, weight, per_sample, omega, alpha,
+                  need_x_g, need_y_real, need_y_fake):
+    return _grad_or_empty(x_g, need_x_g), _grad_or_empty(y_real, need_y_real), _grad_or_empty(y_fake, need_y_fake)
 
 
 def _fake_edm_fwd(denoised, target, weight):
@@ -200,8 +241,9 @@ def _fake_edm_fwd(denoised, target, weight):
             denoised.new_empty((denoised.shape[0],), dtype=torch.float32))
 
 
-def _fake_edm_bwd(grad_total, grad_per_sample, denoised, target, weight, per_sample):
-    return torch.empty_like(denoised), torch.empty_like(target)
+def _fake_edm_bwd(grad_total, grad_per_sample, denoised, target, weight, per_sample, need_denoised,
+                  need_target):
+    return _grad_or_empty(denoised, need_denoised), _grad_or_empty(target, need_target)
 
 
 def _upstream(grad_total, grad_per_sample, like: torch.Tensor):
@@ -224,9 +266,10 @@ def _sid_setup_context(ctx, inputs, output):
 def _sid_backward(ctx, grad_total, grad_per_sample, _grad_omega):
     x_g, y_real, y_fake, weight, per_sample, omega = ctx.saved_tensors
     grad_total, grad_per_sample = _upstream(grad_total, grad_per_sample, x_g)
-    gx, gr, gf = torch.ops.sfd_fast_C.sid_loss_bwd(grad_total, grad_per_sample, x_g, y_real, y_fake,
-                                                   weight, per_sample, omega, ctx.alpha)
-    return gx, gr, gf, None, None, None
+    need = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+    grads = torch.ops.sfd_fast_C.sid_loss_bwd(grad_total, grad_per_sample, x_g, y_real, y_fake,
+                                              weight, per_sample, omega, ctx.alpha, *need)
+    return (*(g if n else None for g, n in zip(grads, need)), None, None, None)
 
 
 def _edm_setup_context(ctx, inputs, output):
@@ -237,9 +280,10 @@ def _edm_setup_context(ctx, inputs, output):
 def _edm_backward(ctx, grad_total, grad_per_sample):
     denoised, target, weight, per_sample = ctx.saved_tensors
     grad_total, grad_per_sample = _upstream(grad_total, grad_per_sample, denoised)
-    gd, gt = torch.ops.sfd_fast_C.edm_loss_bwd(grad_total, grad_per_sample, denoised, target,
-                                               weight, per_sample)
-    return gd, gt, None
+    need = tuple(bool(n) for n in ctx.needs_input_grad[:2])  # the fake-score step: (True, False)
+    grads = torch.ops.sfd_fast_C.edm_loss_bwd(grad_total, grad_per_sample, denoised, target,
+                                              weight, per_sample, *need)
+    return (*(g if n else None for g, n in zip(grads, need)), None)
 
 
 def _register_python_side() -> None:
