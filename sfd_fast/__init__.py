@@ -17,6 +17,15 @@ from .models.unet import UNetConfig, build_unet
 __version__ = "0.1.0"
 __all__ = [
     "SFDConfig", "UNetConfig", "ForgetSpec", "SFDState", "train_step", "StepOptions", "EDMDenoiser", "DDPMDenoiser",
-    "OneStepGenerator", "build_unet", "load_denoiser", "save_denoiser", "load_generator", "save_generator",
-    "CheckpointError",
+    "OneStepGenerator", "OneStepPipeline", "build_unet", "load_denoiser", "save_denoiser", "load_generator",
+    "save_generator", "CheckpointError",
 ]
+
+
+def __getattr__(name: str):
+    # OneStepPipeline subclasses diffusers' DiffusionPipeline, whose import costs seconds: only on use.
+    if name == "OneStepPipeline":
+        from .models.one_step_pipeline import OneStepPipeline
+
+        return OneStepPipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

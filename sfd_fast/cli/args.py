@@ -69,3 +69,45 @@ def add_resilience_args(p: argparse.ArgumentParser,
 def under_torchrun() -> bool:
     """torchrun started this process as one of several ranks."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+# --- how a distillation step runs and how often it reports (class-label and text-to-image `distill`) ---
+def add_step_args(p: argparse.ArgumentParser, log_every: int) -> None:
+    from ..core.step_options import STEP_PRESETS
+
+    p.add_argument("--step-options", choices=sorted(STEP_PRESETS), default="reference",
+                   help="how train_step runs (speed, not math): reference eager, fused (same numbers), "
+                        "bf16 (fused + autocast), fast (everything the device allows); see docs/fast_step.md")
+    p.add_argument("--log-every", type=int, default=log_every,
+                   help=f"pull metrics to the host every N steps (default: {log_every})")
+
+
+def check_step_args(args) -> None:
+    """ValueError naming the bad value (the parser's choices already cover --step-options)."""
+    if args.log_every < 1:
+        raise ValueError(f"--log-every must be >= 1, got {args.log_every}")
+
+
+# --- folders handed to the wrong command ---
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def is_text_to_image_folder(path: Path) -> bool:
+    """Whether ``path`` holds a text-conditioned (Stable-Diffusion-style) pipeline or its UNet.
+
+    Such a folder has a ``model_index.json`` naming a text encoder, or a UNet (``unet/`` or the folder
+    itself) with cross-attention; class-conditional folders (DDPMPipeline, OneStepPipeline, ours) have neither.
+    """
+    path = Path(path)
+    if "text_encoder" in _json(path / "model_index.json"):
+        return True
+    for config in (path / "unet" / "config.json", path / "config.json"):
+        unet = _json(config)
+        if unet.get("_class_name") == "UNet2DConditionModel" or unet.get("cross_attention_dim") is not None:
+            return True
+    return False

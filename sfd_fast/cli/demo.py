@@ -18,6 +18,7 @@ from ..eval.classifier import CLASSIFIER_FILE, DigitClassifier
 from ..eval.evaluate import class_grid, evaluate_sampler, teacher_sampler
 from ..io.atomic import ensure_writable_dir, write_json
 from ..io.data import ASSETS
+from ..models.model_card import RunRecord
 from ..models.networks import load_denoiser, save_generator
 from ..train.distill import distill
 from .args import add_common, add_forget_args
@@ -61,10 +62,13 @@ def run_demo(out: str | Path, *, steps: int | None = None, seed: int = 0, forget
     })
     class_grid(generator, teacher.num_classes, 10, shape, out / "samples_generator.png", device=device)
     class_grid(t_sampler, teacher.num_classes, 10, shape, out / "samples_teacher.png", device=device)
-    save_generator(generator, out / "generator")
     write_json({"log": log}, out / "train_log.json")
     metrics["seconds"] = time.perf_counter() - start
     metrics["passed"] = acceptance(metrics)
+    record = RunRecord(teacher=str(teacher_dir), forget=tuple(map(str, spec.forget)),
+                       override=() if spec.override is None else tuple(map(str, spec.override)),
+                       config=config.to_dict(), metrics={k: v for k, v in metrics.items() if k != "config"})
+    save_generator(generator, out / "generator", record=record)  # the model card records the run
     write_json(metrics, out / "metrics.json")
     return metrics
 

@@ -15,10 +15,24 @@ from . import compare, demo, evaluate, serve, text_to_image, train
 GROUPS = (demo, train, text_to_image, evaluate, compare, serve)
 
 
+def _version() -> str:
+    """The installed distribution's version (pyproject.toml's, when run from a source tree without install)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sfd_fast")
+    except PackageNotFoundError:
+        import sfd_fast
+
+        return getattr(sfd_fast, "__version__", "unknown (not installed)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfd-fast", description=(
         "Score Forgetting Distillation: distil a class-conditional diffusion model into a one-step "
         "generator that no longer generates the forgotten classes."))
+    parser.add_argument("--version", action="version", version=f"sfd-fast {_version()}",
+                        help="show the installed sfd_fast version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         group.add_parsers(sub)

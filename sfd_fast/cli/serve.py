@@ -11,11 +11,13 @@ def add_parsers(sub) -> None:
                        description="Export a generator directory written by save_generator / `sfd-fast distill` to "
                                    "ONNX, verified in onnxruntime; with --engine also build a TensorRT engine. "
                                    "A text-to-image generator folder (`distill --pipeline`) exports G(z, text "
-                                   "embeddings) -> latents; encode prompts and decode latents with its pipeline.")
+                                   "embeddings) -> latents plus, beside --out, its text encoder and VAE decoder "
+                                   "(<name>.text_encoder.onnx, <name>.vae_decoder.onnx) and tokenizer "
+                                   "(<name>.tokenizer/), so that `sfd-fast serve` answers prompts.")
     p.add_argument("--generator", type=Path, required=True,
                    help="generator directory (class-conditional, or a text-to-image generator folder)")
     p.add_argument("--out", type=Path, required=True, help="output .onnx path")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset, 14..20 (default: 18; TorchScript uses <= 17)")
     p.add_argument("--exporter", default="dynamo", choices=["dynamo", "torchscript"],
                    help="ONNX exporter; dynamo falls back to torchscript on failure (default: dynamo)")
     p.add_argument("--engine", type=Path, default=None, help="also build a TensorRT engine here (needs tensorrt + GPU)")
@@ -23,7 +25,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-batch", type=int, default=64, help="largest engine batch (default: 64)")
     p.set_defaults(handler=run_export, no_progress=True)
 
-    p = sub.add_parser("serve", help="serve a .onnx or .engine over HTTP (POST /generate, GET /health)")
+    p = sub.add_parser("serve", help="serve a .onnx or .engine over HTTP (POST /generate, GET /health)",
+                       description="Serve an export of `sfd-fast export` over HTTP: class-conditional models take "
+                                   '{"class": k}, text-to-image exports (G + text encoder + VAE decoder in '
+                                   'onnxruntime) take {"prompt": "..."}; see docs/serving.md.')
     p.add_argument("model", type=Path, help=".onnx (onnxruntime) or .engine (TensorRT) file")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
@@ -37,14 +42,27 @@ def add_parsers(sub) -> None:
 def run_export(args) -> int:
     from ..models.networks import load_generator
     from ..serve import TensorRTUnavailable, build_engine, to_onnx
+    from ..serve.onnx import t2i_to_onnx
     from ..train.text_to_image import is_t2i_generator, load_t2i_generator
 
-    if is_t2i_generator(args.generator):  # input "cond": prompt embeddings (B, L, D), output: latents
+    if args.out.suffix != ".onnx":
+        raise ValueError(f"--out must name a .onnx file, got {str(args.out)!r}")
+    if args.out.is_dir():
+        raise ValueError(f"--out {str(args.out)!r} is a directory; give a .onnx file path")
+    if args.max_batch < 1:
+        raise ValueError(f"--max-batch must be >= 1, got {args.max_batch}")
+    if not args.generator.is_dir():
+        raise FileNotFoundError(f"--generator {str(args.generator)!r} is not a directory; give a generator folder "
+                                "written by `sfd-fast distill` (…/generator)")
+    if is_t2i_generator(args.generator):  # G(z, prompt embeddings (B, L, D)) -> latents, plus encoder and decoder
         generator, pipeline = load_t2i_generator(args.generator)
-        cond = pipeline.encode_prompts(["a photo of a cat", ""])
+        results = t2i_to_onnx(generator, pipeline, args.out, opset=args.opset, exporter=args.exporter)
+        result = results["generator"]
+        for part in ("text_encoder", "vae_decoder"):
+            print(f"wrote {results[part].path} (exporter {results[part].exporter}, "
+                  f"max abs error vs PyTorch {results[part].max_abs_error:.2e})")
     else:
-        generator, cond = load_generator(args.generator), None
-    result = to_onnx(generator, args.out, cond=cond, opset=args.opset, exporter=args.exporter)
+        result = to_onnx(load_generator(args.generator), args.out, opset=args.opset, exporter=args.exporter)
     print(f"wrote {result.path} (exporter {result.exporter}, opset {result.opset}, "
           f"max abs error vs PyTorch {result.max_abs_error:.2e})")
     if args.engine is not None:
@@ -67,9 +85,13 @@ def run_serve(args) -> int:
     except TensorRTUnavailable as exc:
         print(f"sfd-fast serve: {exc}", file=sys.stderr)
         return 2
-    server = GenerationServer(runner, args.host, args.port, max_batch=args.max_batch,
-                              max_wait_ms=args.max_wait_ms, max_count=args.max_count, queue_size=args.queue_size)
-    print(f"serving {args.model} ({server.runner.name}) on http://{server.address[0]}:{server.address[1]} "
+    try:
+        server = GenerationServer(runner, args.host, args.port, max_batch=args.max_batch,
+                                  max_wait_ms=args.max_wait_ms, max_count=args.max_count, queue_size=args.queue_size)
+    except OSError as exc:  # port in use, address not local, no permission
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
+    kind = "prompts" if server.prompts else f"classes 0..{runner.num_classes - 1}"
+    print(f"serving {args.model} ({server.runner.name}, {kind}) on http://{server.address[0]}:{server.address[1]} "
           "- POST /generate, GET /health; Ctrl-C to stop", flush=True)
     server.serve_until_signal()
     print("stopped")

@@ -107,6 +107,7 @@ def _distill(args) -> int:
     from ..core.faults import NonFiniteError
     from ..core.step import train_step
     from ..io.atomic import write_json
+    from ..models.model_card import RunRecord
     from ..models.sd_pipeline import load_t2i_pipeline
     from ..train import distributed
     from ..train.resilient import run_resilient
@@ -162,10 +163,16 @@ def _distill(args) -> int:
         if result.report_start_and_stop():
             return 0
         args.out.mkdir(parents=True, exist_ok=True)
-        save_t2i_generator(state.generator_ema, args.pipeline, args.out / "generator", spec.negative_prompt)
-        write_json({"sfd": config.to_dict(), "t2i": vars(options), "step_options": args.step_options,
-                    "robust": {"inner_steps": args.robust_inner_steps} if args.robust else None,
-                    "world_size": distributed.world_size(), "pipeline": str(args.pipeline.resolve()),
+        run_config = {"sfd": config.to_dict(), "t2i": vars(options), "step_options": args.step_options,
+                      "robust": {"inner_steps": args.robust_inner_steps} if args.robust else None,
+                      "world_size": distributed.world_size()}
+        record = RunRecord(teacher=str(args.pipeline.resolve()), forget=spec.forget, override=spec.override,
+                           remain=spec.remain, negative_prompt=spec.negative_prompt, config=run_config,
+                           metrics={"training (last logged step)": result.log[-1]} if result.log else None,
+                           extra={"distillation steps": args.steps})
+        save_t2i_generator(state.generator_ema, args.pipeline, args.out / "generator", spec.negative_prompt,
+                           record=record)
+        write_json({**run_config, "pipeline": str(args.pipeline.resolve()),
                     "forget": list(spec.forget), "override": list(spec.override), "remain": list(spec.remain),
                     "negative_prompt": spec.negative_prompt}, args.out / "config.json")
         write_json({"log": result.log}, args.out / "train_log.json")
@@ -176,28 +183,64 @@ def _distill(args) -> int:
 
 
 def run_sample(args) -> int:
+    """One-step samples of a generator folder: prompts for text-to-image, classes for class-label generators."""
+    import torch
+
+    from ..io.atomic import save_tensors
     from ..io.images import save_grid
-    from ..train.text_to_image import load_t2i_generator, sample_t2i
+    from ..models.networks import load_generator
+    from ..train.text_to_image import is_t2i_generator, load_t2i_generator, sample_t2i_latents
 
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
-    generator, pipeline = load_t2i_generator(args.generator, args.device)
-    prompts = [p for p in args.prompt for _ in range(args.num)]
-    images = sample_t2i(generator, pipeline, prompts, seed=args.seed)
+    if not args.generator.is_dir():
+        raise FileNotFoundError(f"generator folder {str(args.generator)!r} does not exist")
+    text = is_t2i_generator(args.generator)  # otherwise a class-label generator (either folder layout)
+    kind, flag, other = ("text-to-image", "--prompt", "--class") if text else ("class-label", "--class", "--prompt")
+    rows, wrong = (args.prompt, args.classes) if text else (args.classes, args.prompt)
+    if wrong:
+        raise ValueError(f"{args.generator} is a {kind} generator: give {flag}, not {other}")
+    if not rows:
+        raise ValueError(f"give at least one {flag} for the {kind} generator in {args.generator}")
+    if text:
+        generator, pipeline = load_t2i_generator(args.generator, args.device)
+        z, samples = sample_t2i_latents(generator, pipeline, [p for p in rows for _ in range(args.num)], args.seed)
+        images = pipeline.decode(samples)
+    else:
+        generator = load_generator(args.generator, args.device)
+        n_classes = generator.denoiser.num_classes
+        bad = [c for c in rows if not 0 <= c < n_classes]
+        if bad:
+            raise ValueError(f"--class {bad} out of range: this generator has classes 0..{n_classes - 1}")
+        labels = torch.tensor([c for c in rows for _ in range(args.num)], device=args.device)
+        rng = torch.Generator(device=args.device).manual_seed(args.seed)
+        z = torch.randn((len(labels), *generator.denoiser.image_shape), generator=rng, device=args.device)
+        with torch.no_grad():
+            images = samples = generator(z, labels)
     save_grid(images, args.num, args.out)
-    print(f"wrote {args.out} ({len(args.prompt)} prompts x {args.num} images, NFE 1)")
+    if args.save_tensors is not None:  # exact outputs, e.g. to compare with a stock diffusers pipeline
+        save_tensors({"noise": z.float().cpu().contiguous(), "samples": samples.float().cpu().contiguous()},
+                     args.save_tensors, {"rows": [str(r) for r in rows], "per_row": args.num, "seed": args.seed})
+    print(f"wrote {args.out} ({len(rows)} {'prompts' if text else 'classes'} x {args.num} images, NFE 1)")
     return 0
 
 
 def add_parsers(sub) -> None:
     """``sample`` and ``evaluate-t2i``; ``distill --pipeline`` has its own parser (see ``cli.main``)."""
-    p = sub.add_parser("sample", help="one-step text-to-image samples from a distilled generator (PNG)",
-                       description="Generate images for each --prompt with a generator written by "
-                                   "`sfd-fast distill --pipeline` (one network call, then the VAE decode).")
+    p = sub.add_parser("sample", help="one-step samples from a distilled generator, prompts or classes (PNG grid)",
+                       description="Generate images with a generator folder: for each --prompt with a text-to-image "
+                                   "generator (`sfd-fast distill --pipeline`; one network call, then the VAE decode), "
+                                   "or for each --class with a class-label generator (`sfd-fast distill --teacher`).")
     p.add_argument("--generator", type=Path, required=True, help="generator folder (…/generator)")
-    p.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="prompt; repeatable")
-    p.add_argument("--num", type=int, default=4, help="images per prompt (default: 4)")
-    p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid, one row per prompt")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="prompt (text-to-image generators); repeatable")
+    p.add_argument("--class", dest="classes", action="append", type=int, default=[], metavar="N",
+                   help="class label (class-label generators); repeatable")
+    p.add_argument("--num", "--n", dest="num", type=int, default=4, help="images per prompt or class (default: 4)")
+    p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG grid, one row per prompt or class")
+    p.add_argument("--save-tensors", type=Path, default=None, metavar="FILE",
+                   help="also write the noise z and the raw samples (latents for prompts, images in [-1, 1] for "
+                        "classes), in grid order, to a safetensors file")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="accepted for symmetry; sampling shows no bar")

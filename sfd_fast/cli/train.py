@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from ..core.config import SFDConfig
 from ..models.unet import UNET_PRESETS, UNetConfig
-from .args import add_common, add_forget_args, add_resilience_args, add_sfd_config_args, sfd_config, under_torchrun
+from .args import (add_common, add_forget_args, add_resilience_args, add_sfd_config_args, add_step_args,
+                   check_step_args, is_text_to_image_folder, sfd_config, under_torchrun)
 
 
 def add_parsers(sub) -> None:
@@ -24,25 +23,33 @@ def add_parsers(sub) -> None:
     p.set_defaults(handler=run_pretrain_teacher)
 
     p = sub.add_parser("train-classifier", help="train the evaluation classifier on the embedded data",
-                       description="Train the small CNN that scores generated digits; saves safetensors.")
-    p.add_argument("--out", type=Path, required=True, help="output .safetensors file")
+                       description="Train the small CNN that scores generated digits; saves its weights (.safetensors) "
+                                   "and its config (.json beside them: channels, num_classes, feature_dim, "
+                                   "resolution), which `sfd-fast evaluate --classifier` reads.")
+    p.add_argument("--out", type=Path, required=True, help="output .safetensors file (the .json goes beside it)")
     p.add_argument("--resolution", type=int, default=16, help="image side (default: 16)")
     p.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
     add_common(p)
     p.set_defaults(handler=run_train_classifier)
 
     p = sub.add_parser("distill", help="run SFD on a teacher from a local directory",
-                       description="Distil a teacher (a directory written by pretrain-teacher/save_denoiser, or a "
-                                   "diffusers DDPM pipeline with unet/ and scheduler/) into a one-step generator "
-                                   "that forgets --forget. Hyperparameters start from --preset and --config.")
-    p.add_argument("--teacher", type=Path, required=True, help="teacher model directory")
-    p.add_argument("--pipeline", type=Path, metavar="DIR",
-                   help="text-to-image mode on a diffusers SD-style folder; see `sfd-fast distill --pipeline DIR --help`")
+                       description="Distil a class-conditional teacher (--teacher: a directory written by "
+                                   "pretrain-teacher/save_denoiser, or a diffusers DDPM pipeline with unet/ and "
+                                   "scheduler/) into a one-step generator that forgets --forget. Hyperparameters "
+                                   "start from --preset and --config. A Stable-Diffusion-style folder takes "
+                                   "--pipeline DIR instead (text-to-image mode, prompts instead of classes, its own "
+                                   "options: `sfd-fast distill --pipeline DIR --help`).")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--teacher", type=Path, metavar="DIR", help="class-conditional teacher model directory")
+    which.add_argument("--pipeline", type=Path, metavar="DIR",
+                       help="text-to-image mode on a diffusers SD-style folder (then no --teacher); see "
+                            "`sfd-fast distill --pipeline DIR --help`")
     p.add_argument("--out", type=Path, required=True, help="output folder (generator/, config.json, train_log.json)")
     p.add_argument("--steps", type=int, default=1000, help="SFD iterations (default: 1000)")
     add_sfd_config_args(p)
     p.add_argument("--backend", default=None, choices=["auto", "torch", "triton", "cuda"],
                    help="loss implementation (default: $SFD_FAST_BACKEND or auto)")
+    add_step_args(p, log_every=25)
     add_resilience_args(p)
     add_forget_args(p)
     add_common(p)
@@ -70,6 +77,11 @@ def run_train_classifier(args) -> int:
     from ..eval.classifier import train_classifier
     from ..io.data import load_embedded_mnist
 
+    if args.out.suffix != ".safetensors":
+        raise ValueError(f"--out must name a .safetensors file, got {str(args.out)!r}")
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+
     images, labels = load_embedded_mnist("train", args.resolution)
     model = train_classifier(images, labels, epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
     test_x, test_y = load_embedded_mnist("test", args.resolution)
@@ -80,34 +92,30 @@ def run_train_classifier(args) -> int:
 
 
 def run_distill(args) -> int:
-    from ..io.atomic import write_json
-    from ..models.networks import load_denoiser, save_generator
-    from ..train.distill import distill
+    """Class-label `distill`: one loop (``run_resilient``) whether or not checkpoints are asked for."""
+    import os
 
-    config = sfd_config(args)
-    if args.resume or args.checkpoint_every or args.checkpoint_dir is not None or under_torchrun():
-        return _distill_resilient(args, config)
-    teacher = load_denoiser(args.teacher, args.device)
-    log = []
-    state = distill(teacher, config, args.steps, device=args.device, backend=args.backend,
-                    progress=not args.no_progress, on_log=lambda step, m: log.append({"step": step, **m}))
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_generator(state.generator_ema, args.out / "generator")
-    write_json(config.to_dict(), args.out / "config.json")
-    write_json({"log": log}, args.out / "train_log.json")
-    print(f"saved generator to {args.out / 'generator'}")
-    return 0
+    from tqdm.auto import tqdm
 
-
-def _distill_resilient(args: argparse.Namespace, config: SFDConfig) -> int:
-    """`distill` with checkpoints/resume/signals, on one process or every torchrun rank."""
     from ..core.faults import NonFiniteError
     from ..core.state import SFDState
+    from ..core.step import train_step
     from ..io.atomic import write_json
     from ..models.networks import load_denoiser, save_generator
     from ..train import distributed
     from ..train.resilient import run_resilient
 
+    if is_text_to_image_folder(args.teacher):
+        raise ValueError(f"--teacher {str(args.teacher)!r} is a text-to-image (Stable-Diffusion-style) pipeline "
+                         "folder; distil it with `sfd-fast distill --pipeline DIR` (prompts, not classes)")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    check_step_args(args)
+    config = sfd_config(args)
+    # The reference preset runs train_step exactly as before (options=None); $SFD_FAST_BACKEND still applies.
+    options = None if args.step_options == "reference" else args.step_options
+    backend = args.backend or os.environ.get("SFD_FAST_BACKEND") or None
+    resilient = bool(args.resume or args.checkpoint_every or args.checkpoint_dir is not None or under_torchrun())
     device = args.device
     if under_torchrun():  # one rank per process
         device = distributed.init_from_env("gloo" if args.device == "cpu" else "nccl")
@@ -115,25 +123,40 @@ def _distill_resilient(args: argparse.Namespace, config: SFDConfig) -> int:
     try:
         state = SFDState.create(config, load_denoiser(args.teacher, device), device)
         distributed.distribute_state(state, "ddp")
-        root = args.checkpoint_dir or args.out / "checkpoints"
+        root = (args.checkpoint_dir or args.out / "checkpoints") if resilient else None
         say = print if distributed.is_main() else (lambda *a, **k: None)
+        bar = tqdm(total=args.steps, desc="sfd", disable=args.no_progress or resilient or not distributed.is_main())
+
+        def on_log(step, m):  # every --log-every steps (one host sync there, none in between)
+            if resilient:
+                if not args.no_progress:
+                    say(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in sorted(m.items())))
+                return
+            bar.update(step - bar.n)
+            bar.set_postfix(fake=f"{m['loss_fake']:.3f}", gen=f"{m['loss_gen']:.3f}")
+
         try:
             result = run_resilient(state, args.steps, checkpoint_root=root, checkpoint_every=args.checkpoint_every,
-                                   keep_last=args.keep_last, resume=args.resume, backend=args.backend,
-                                   on_log=(lambda step, m: say(f"step {step}: " + " ".join(
-                                       f"{k}={v:.4g}" for k, v in sorted(m.items())))) if not args.no_progress
-                                   else None)
+                                   keep_last=args.keep_last, resume=args.resume, backend=backend,
+                                   log_every=args.log_every, on_log=on_log,
+                                   step_fn=lambda s: train_step(s, backend, options=options))
         except NonFiniteError as exc:
             print(f"sfd-fast distill: stopped: {exc}", file=sys.stderr)
             return 3
+        finally:
+            bar.close()
+        if result.interrupted and root is None:
+            print(f"sfd-fast distill: interrupted at step {state.step} of {args.steps}; nothing written (add "
+                  "--checkpoint-every N to make a run resumable)", file=sys.stderr)
+            return 130
         if result.report_start_and_stop(say):
             return 0
         if distributed.is_main():
             args.out.mkdir(parents=True, exist_ok=True)
             save_generator(state.generator_ema, args.out / "generator")
             write_json(config.to_dict(), args.out / "config.json")
-            write_json({"log": result.log}, args.out / "train_log.json")
-            say(f"saved generator to {args.out / 'generator'}; checkpoint {result.checkpoint}")
+            write_json({"log": result.log, "step_options": args.step_options}, args.out / "train_log.json")
+            say(f"saved generator to {args.out / 'generator'}" + (f"; checkpoint {result.checkpoint}" if root else ""))
         return 0
     finally:
         distributed.shutdown(state)

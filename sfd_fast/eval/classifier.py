@@ -2,10 +2,15 @@
 
 Its penultimate activations are the "classifier features" used for FID when no Inception
 weights are supplied.
+
+On disk: ``name.safetensors`` (weights; its metadata also holds the config) and ``name.json``
+beside it, the config a user edits or writes for their own classifier: channels, num_classes,
+feature_dim and resolution, i.e. the images (channels, resolution, resolution) it was built for.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -14,9 +19,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..io.atomic import load_tensors, save_tensors
+from ..io.atomic import CheckpointError, load_tensors, save_tensors, write_json
 
 CLASSIFIER_FILE = Path(__file__).resolve().parents[1] / "assets" / "classifier.safetensors"
+# The embedded file predates the recorded resolution; it was trained on the 16x16 digits (assets/README.md).
+EMBEDDED_RESOLUTION = 16
+CONFIG_FIELDS = ("channels", "num_classes", "feature_dim", "resolution")
+
+
+def config_path(path: str | Path) -> Path:
+    """The JSON config beside a classifier's weights: clf.safetensors -> clf.json."""
+    return Path(path).with_suffix(".json")
 
 
 class DigitClassifier(nn.Module):
@@ -25,9 +38,11 @@ class DigitClassifier(nn.Module):
     The 4x4 pooled grid keeps the layout of the strokes (a global pool scored ~91% on digits).
     """
 
-    def __init__(self, channels: int = 1, num_classes: int = 10, feature_dim: int = 128):
+    def __init__(self, channels: int = 1, num_classes: int = 10, feature_dim: int = 128, resolution: int | None = None):
         super().__init__()
-        self.hparams = {"channels": channels, "num_classes": num_classes, "feature_dim": feature_dim}
+        # resolution: the image side it was trained on (None: not recorded; the network itself takes any side)
+        self.hparams = {"channels": channels, "num_classes": num_classes, "feature_dim": feature_dim,
+                        "resolution": resolution}
         self.body = nn.Sequential(
             nn.Conv2d(channels, 32, 3, padding=1), nn.SiLU(),
             nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.SiLU(),
@@ -47,15 +62,66 @@ class DigitClassifier(nn.Module):
     def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         return torch.cat([self(chunk).argmax(1) for chunk in x.split(batch_size)])
 
+    @property
+    def image_shape(self) -> tuple[int, int, int] | None:
+        """(C, H, W) of the images it was built for, or None when its resolution was not recorded."""
+        r = self.hparams["resolution"]
+        return None if r is None else (self.hparams["channels"], r, r)
+
     def save(self, path: str | Path) -> None:
+        """Weights (safetensors, config in its metadata) and the JSON config beside them."""
         save_tensors(self.state_dict(), path, {"kind": "digit_classifier", **self.hparams})
+        write_json(self.hparams, config_path(path))
 
     @classmethod
     def load(cls, path: str | Path = CLASSIFIER_FILE, device: str | torch.device = "cpu") -> "DigitClassifier":
+        """Weights from ``path``; the config from the JSON beside it if there is one, else the file's metadata.
+
+        Raises CheckpointError (one line, naming the file) for a missing file, a bad config or weights
+        that do not fit the config.
+        """
+        path = Path(path)
         tensors, meta = load_tensors(path)
-        model = cls(meta["channels"], meta["num_classes"], meta["feature_dim"])
-        model.load_state_dict(tensors)
+        json_file = config_path(path)
+        if json_file.is_file():
+            try:
+                meta = json.loads(json_file.read_text())
+            except ValueError as exc:
+                raise CheckpointError(f"classifier config {str(json_file)!r} is not valid JSON: {exc}") from None
+            where = str(json_file)
+        else:
+            where = f"the metadata of {str(path)!r}"
+        config = _classifier_config(meta, where)
+        if config["resolution"] is None and path.resolve() == CLASSIFIER_FILE.resolve():
+            config["resolution"] = EMBEDDED_RESOLUTION
+        model = cls(**config)
+        try:
+            model.load_state_dict(tensors)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise CheckpointError(f"the weights in {str(path)!r} do not fit its config {config} "
+                                  f"(a DigitClassifier): {first}") from None
         return model.to(device).eval()
+
+
+def _classifier_config(meta: dict, where: str) -> dict:
+    """The DigitClassifier fields of a config dict, each a positive integer (resolution may be absent)."""
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"classifier config in {where} must be a JSON object with {list(CONFIG_FIELDS)}")
+    unknown = set(meta) - set(CONFIG_FIELDS) - {"kind"}
+    if unknown:
+        raise CheckpointError(f"classifier config in {where} has unknown field(s) {sorted(unknown)}; "
+                              f"allowed: {list(CONFIG_FIELDS)}")
+    config = {}
+    for name in CONFIG_FIELDS:
+        value = meta.get(name)
+        if value is None and name == "resolution":
+            config[name] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"classifier config in {where}: {name!r} must be a positive integer, got {value!r}")
+        config[name] = value
+    return config
 
 
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -71,7 +137,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, epochs: int 
     """Train on (N, C, H, W) images in [-1, 1] with AdamW + cosine decay; returns it in eval mode."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = DigitClassifier(images.shape[1], int(labels.max()) + 1)
+    model = DigitClassifier(images.shape[1], int(labels.max()) + 1, resolution=images.shape[-1])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * math.ceil(len(images) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)

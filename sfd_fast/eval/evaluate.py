@@ -14,6 +14,33 @@ from ..models.sampler import edm_heun_sample, heun_nfe
 from .metrics import generate_per_class, unlearning_metrics
 
 
+def _shape(shape) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def check_classifier_fits(classifier, image_shape, num_classes: int, classifier_name: str = "the classifier",
+                          model_name: str = "the generator") -> None:
+    """ValueError (one line) unless ``classifier`` scores ``image_shape`` images over ``num_classes`` classes.
+
+    A classifier that records its resolution must match (C, H, W) exactly; one that does not (older
+    files) must match the channels. Its classes must be the generator's classes.
+    """
+    image_shape = tuple(int(d) for d in image_shape)
+    built = classifier.image_shape
+    channels = classifier.hparams["channels"]
+    hint = ("pass --classifier with one built for these images (a DigitClassifier .safetensors + its .json config, "
+            "e.g. from `sfd-fast train-classifier`, which trains on the embedded 1xRxR digits)")
+    if built is not None and tuple(built) != image_shape:
+        raise ValueError(f"{model_name} makes {_shape(image_shape)} images but {classifier_name} was built for "
+                         f"{_shape(built)}; {hint}")
+    if built is None and channels != image_shape[0]:
+        raise ValueError(f"{model_name} makes {_shape(image_shape)} images but {classifier_name} takes {channels}-channel "
+                         f"images; {hint}")
+    if classifier.hparams["num_classes"] != num_classes:
+        raise ValueError(f"{classifier_name} predicts {classifier.hparams['num_classes']} classes but {model_name} has "
+                         f"{num_classes}; {hint}")
+
+
 def teacher_sampler(teacher: nn.Module, num_steps: int):
     """The teacher as a ``(z, labels) -> images`` sampler, and its NFE per image."""
     return functools.partial(edm_heun_sample, teacher, num_steps=num_steps), heun_nfe(num_steps)

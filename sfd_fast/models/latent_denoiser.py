@@ -16,6 +16,7 @@ import contextlib
 import torch
 from torch import nn
 
+from .ddpm_schedule import log_sigma_table, sigma_of_timestep, timestep_of_sigma
 from .networks import batch_sigma
 
 
@@ -40,8 +41,7 @@ class LatentDenoiser(nn.Module):
                              "expected a diffusers UNet2DConditionModel")
         self.unet = unet
         self.scheduler_config = dict(scheduler.config)
-        abar = scheduler.alphas_cumprod.double()
-        self.register_buffer("log_sigmas", (((1 - abar) / abar).sqrt().log()).float(), persistent=False)
+        self.register_buffer("log_sigmas", log_sigma_table(scheduler.alphas_cumprod), persistent=False)
         self.register_buffer("negative_embedding", None if negative_embedding is None
                              else negative_embedding.detach().float().reshape(1, *negative_embedding.shape[-2:]),
                              persistent=False)
@@ -50,13 +50,8 @@ class LatentDenoiser(nn.Module):
         self._check_guidance()
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Fractional DDPM timestep (B,) of sigma (B,); same as ``DDPMDenoiser.timestep``, but the
-        table lookup is a compare-and-count instead of searchsorted so that ONNX export works."""
-        table = self.log_sigmas
-        log_sigma = sigma.to(table.dtype).log().clamp(table[0], table[-1])
-        hi = (table < log_sigma[:, None]).sum(1).clamp(1, table.numel() - 1)
-        lo_val, hi_val = table[hi - 1], table[hi]
-        return (hi - 1).to(table.dtype) + (log_sigma - lo_val) / (hi_val - lo_val)
+        """Fractional DDPM timestep (B,) of sigma (B,): the lookup shared with ``DDPMDenoiser``."""
+        return timestep_of_sigma(sigma, self.log_sigmas)
 
     def _check_guidance(self) -> None:
         if self.guidance_scale != 1.0 and self.negative_embedding is None:
@@ -113,12 +108,4 @@ class LatentDenoiser(nn.Module):
         return sqrt_abar * x_in - sigma * sqrt_abar * out
 
 
-def sigma_of_timestep(scheduler_config: dict, t: int) -> float:
-    """EDM sigma of DDPM timestep t: sqrt((1 - abar_t) / abar_t) (t_init=625 on SD's schedule ~ 2.5)."""
-    from diffusers import DDPMScheduler
-
-    abar = DDPMScheduler.from_config(scheduler_config).alphas_cumprod.double()[t]
-    return float(((1 - abar) / abar).sqrt())
-
-
-__all__ = ["LatentDenoiser", "sigma_of_timestep"]
+__all__ = ["LatentDenoiser", "sigma_of_timestep"]  # sigma_of_timestep: from ddpm_schedule

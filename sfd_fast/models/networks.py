@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..io.atomic import CheckpointError
+from .ddpm_schedule import log_sigma_table, timestep_of_sigma
 from .unet import _require_class_conditioning
 
 DENOISER_META = "sfd_fast.json"  # sidecar naming the parameterisation of a saved denoiser
@@ -91,7 +92,8 @@ class DDPMDenoiser(nn.Module):
 
     With abar(sigma) = 1 / (1 + sigma^2): x_ddpm = sqrt(abar) x, and for epsilon prediction
     D = (x_ddpm - sqrt(1 - abar) eps_hat) / sqrt(abar) = x - sigma * eps_hat (SPEC section 3).
-    sigma is mapped to a fractional timestep by interpolating log sigma in the scheduler's table.
+    sigma is mapped to a fractional timestep by interpolating log sigma in the scheduler's table
+    (``ddpm_schedule.timestep_of_sigma``, shared with the latent adapter and ONNX-exportable).
     """
 
     kind = "ddpm"
@@ -109,19 +111,14 @@ class DDPMDenoiser(nn.Module):
                              f"allowed: {self.PREDICTION_TYPES}")
         self.unet = unet
         self.scheduler_config = dict(scheduler.config)
-        abar = scheduler.alphas_cumprod.double()
-        self.register_buffer("log_sigmas", (((1 - abar) / abar).sqrt().log()).float(), persistent=False)
+        self.register_buffer("log_sigmas", log_sigma_table(scheduler.alphas_cumprod), persistent=False)
 
     num_classes = EDMDenoiser.num_classes
     image_shape = EDMDenoiser.image_shape
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Fractional DDPM timestep whose noise level is sigma (clamped to the table's range)."""
-        table = self.log_sigmas
-        log_sigma = sigma.to(table.dtype).log().clamp(table[0], table[-1])
-        hi = torch.searchsorted(table, log_sigma).clamp(1, table.numel() - 1)
-        lo_val, hi_val = table[hi - 1], table[hi]
-        return (hi - 1).float() + (log_sigma - lo_val) / (hi_val - lo_val)
+        """Fractional DDPM timestep (B,) whose noise level is sigma (B,) (clamped to the table's range)."""
+        return timestep_of_sigma(sigma, self.log_sigmas)
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         sigma = batch_sigma(sigma, x)
@@ -138,7 +135,12 @@ class DDPMDenoiser(nn.Module):
 
 
 class OneStepGenerator(nn.Module):
-    """G(z, c) = D(sigma_init * z, sigma_init, c): the distilled one-step sampler."""
+    """G(z, c) = D(sigma_init * z, sigma_init, c): the distilled one-step sampler.
+
+    On disk a class-label generator is a diffusers ``OneStepPipeline`` folder (``save_pretrained`` /
+    ``from_pretrained``, i.e. ``save_generator`` / ``load_generator``); ``to_pipeline()`` is that
+    pipeline in memory, sharing this generator's UNet.
+    """
 
     def __init__(self, denoiser: nn.Module, sigma_init: float = 2.5):
         super().__init__()
@@ -148,6 +150,49 @@ class OneStepGenerator(nn.Module):
     def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         sigma = torch.full((z.shape[0],), self.sigma_init, device=z.device, dtype=torch.float32)
         return self.denoiser(self.sigma_init * z, sigma, c)
+
+    def one_step_scheduler(self):
+        """The diffusers scheduler whose single step reproduces G (see ``models/one_step_pipeline.py``)."""
+        from .one_step_pipeline import one_step_edm_scheduler, one_step_euler_scheduler
+
+        if isinstance(self.denoiser, EDMDenoiser):
+            return one_step_edm_scheduler(self.sigma_init, self.denoiser.sigma_data)
+        if isinstance(self.denoiser, DDPMDenoiser):
+            return one_step_euler_scheduler(self.denoiser.scheduler_config, self.sigma_init)
+        raise TypeError(f"a class-label one-step pipeline needs an EDMDenoiser or DDPMDenoiser generator, got "
+                        f"{type(self.denoiser).__name__}; text-to-image generators are saved with "
+                        "sfd_fast.train.text_to_image.save_t2i_generator as StableDiffusionPipeline folders")
+
+    def to_pipeline(self):
+        """This generator as a ``OneStepPipeline`` (components share this generator's UNet)."""
+        from .one_step_pipeline import OneStepPipeline
+
+        return OneStepPipeline(unet=self.denoiser.unet, scheduler=self.one_step_scheduler())
+
+    @classmethod
+    def from_pipeline(cls, pipeline) -> "OneStepGenerator":
+        """The generator a ``OneStepPipeline`` samples (sharing its UNet), as our denoiser over that UNet."""
+        from diffusers import EDMEulerScheduler, EulerDiscreteScheduler
+
+        from .one_step_pipeline import training_schedule
+
+        scheduler = pipeline.scheduler
+        if isinstance(scheduler, EDMEulerScheduler):
+            denoiser = EDMDenoiser(pipeline.unet, sigma_data=scheduler.config.sigma_data)
+        elif isinstance(scheduler, EulerDiscreteScheduler):
+            denoiser = DDPMDenoiser(pipeline.unet, training_schedule(dict(scheduler.config)))
+        else:
+            raise TypeError(f"cannot read a one-step generator from a {type(scheduler).__name__}")
+        return cls(denoiser, float(scheduler.config.sigma_max))
+
+    def save_pretrained(self, path: str | os.PathLike, record=None) -> Path:
+        """``save_generator(self, path, record)``."""
+        return save_generator(self, path, record)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "OneStepGenerator":
+        """``load_generator(path, device)``."""
+        return load_generator(path, device)
 
 
 # --------------------------------------------------------------------------- persistence
@@ -195,7 +240,11 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     DDPM pipeline directory holding ``unet/`` and ``scheduler/`` (e.g. ``DDPMPipeline.save_pretrained``).
     """
     from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.utils import is_accelerate_available
 
+    # diffusers' low-memory loading needs accelerate and otherwise prints a 5-line notice on every
+    # load; it is only asked for where it can run (the result is the same model either way).
+    quiet = {"low_cpu_mem_usage": is_accelerate_available()}
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"model directory {str(path)!r} does not exist")
@@ -210,11 +259,11 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     try:
         if kind == "edm":
             meta = json.loads(meta_file.read_text())
-            unet = UNet2DModel.from_pretrained(path, use_safetensors=True)
+            unet = UNet2DModel.from_pretrained(path, use_safetensors=True, **quiet)
             _require_class_conditioning(unet, where=f"the UNet in {str(path)!r}")
             model = EDMDenoiser(unet, sigma_data=meta.get("sigma_data", 0.5))
         else:
-            unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True)
+            unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True, **quiet)
             _require_class_conditioning(unet, where=f"the UNet in {str(path / 'unet')!r}")
             scheduler = DDPMScheduler.from_pretrained(path / "scheduler")
             model = DDPMDenoiser(unet, dict(scheduler.config))
@@ -225,18 +274,131 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     return model.to(device).eval()
 
 
-def save_generator(generator: OneStepGenerator, path: str | os.PathLike) -> Path:
-    """A one-step generator is its denoiser plus sigma_init (stored in the sidecar JSON)."""
-    return save_denoiser(generator.denoiser, path, {"role": "one_step_generator", "sigma_init": generator.sigma_init})
+GENERATOR_ROLE = "one_step_generator"   # the sidecar's "role" of a class-label generator folder
+PIPELINE_LAYOUT = "one_step_pipeline"   # the sidecar's "layout" of folders with model_index.json
+
+
+def save_generator(generator: OneStepGenerator, path: str | os.PathLike, record=None) -> Path:
+    """Write a class-label generator as a diffusers ``OneStepPipeline`` folder, atomically.
+
+    Layout: ``model_index.json``, ``unet/`` (config + safetensors), ``scheduler/`` (the one-step
+    scheduler), ``README.md`` (model card; ``record``, a ``model_card.RunRecord``, adds the teacher,
+    forgotten classes, config and metrics) and ``sfd_fast.json`` (role, kind, sigma_init).
+    """
+    from .model_card import RunRecord
+
+    path = Path(path)
+    pipeline = generator.to_pipeline()  # raises TypeError for a denoiser it cannot express
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        denoiser = generator.denoiser
+        meta = {"role": GENERATOR_ROLE, "layout": PIPELINE_LAYOUT, "kind": denoiser.kind,
+                "sigma_init": generator.sigma_init}
+        if isinstance(denoiser, EDMDenoiser):
+            meta["sigma_data"] = denoiser.sigma_data
+        (tmp / DENOISER_META).write_text(json.dumps(meta, indent=2))
+        _class_generator_card(generator, pipeline, record or RunRecord()).write(tmp)
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
 
 
 def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> OneStepGenerator:
-    meta_file = Path(path) / DENOISER_META
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    if meta.get("role") != "one_step_generator":
+    """A generator folder back as a ``OneStepGenerator`` (safetensors only, never unpickled).
+
+    Reads the ``OneStepPipeline`` layout of ``save_generator`` and the older layout it replaced
+    (a ``save_denoiser`` folder whose ``sfd_fast.json`` has role one_step_generator and sigma_init).
+    """
+    path = Path(path)
+    meta_file = path / DENOISER_META
+    try:
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    except ValueError as exc:
+        raise CheckpointError(f"{str(meta_file)!r} is not valid JSON: {exc}") from exc
+    if (path / "model_index.json").is_file():
+        return _load_pipeline_generator(path, meta, device)
+    if meta.get("role") != GENERATOR_ROLE:
         raise CheckpointError(f"{str(path)!r} is not a one-step generator directory (written by save_generator); "
                               "to distil a teacher into one, run `sfd-fast distill`")
     return OneStepGenerator(load_denoiser(path, device), meta["sigma_init"]).eval()
+
+
+def _load_pipeline_generator(path: Path, meta: dict, device) -> OneStepGenerator:
+    from diffusers import UNet2DModel
+
+    from .one_step_pipeline import ONE_STEP_SCHEDULERS, OneStepPipeline
+
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+        scheduler_name = json.loads((path / "scheduler" / "scheduler_config.json").read_text()).get("_class_name")
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not a readable one-step pipeline folder: {exc}") from exc
+    if index.get("_class_name") != "OneStepPipeline":
+        raise CheckpointError(f"{str(path)!r} holds a {index.get('_class_name')} folder, not a class-label one-step "
+                              "generator; text-to-image generators load with StableDiffusionPipeline.from_pretrained "
+                              "or sfd_fast.train.text_to_image.load_t2i_generator")
+    if scheduler_name not in ONE_STEP_SCHEDULERS:
+        raise CheckpointError(f"the scheduler in {str(path / 'scheduler')!r} is {scheduler_name!r}; a one-step "
+                              f"generator has one of {sorted(ONE_STEP_SCHEDULERS)}")
+    try:
+        from diffusers.utils import is_accelerate_available  # low-memory loading only where it runs: else a notice
+
+        unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True,
+                                           low_cpu_mem_usage=is_accelerate_available())
+        _require_class_conditioning(unet, where=f"the UNet in {str(path / 'unet')!r}")
+        scheduler = ONE_STEP_SCHEDULERS[scheduler_name].from_pretrained(path / "scheduler")
+        generator = OneStepGenerator.from_pipeline(OneStepPipeline(unet=unet, scheduler=scheduler))
+    except (ValueError, CheckpointError):
+        raise
+    except Exception as exc:  # diffusers/safetensors raise many types for a broken file
+        raise CheckpointError(f"could not load the generator in {str(path)!r}: {exc}") from exc
+    if "sigma_init" in meta and abs(float(meta["sigma_init"]) - generator.sigma_init) > 1e-6 * generator.sigma_init:
+        raise CheckpointError(f"{str(path)!r} is inconsistent: {DENOISER_META} says sigma_init={meta['sigma_init']} "
+                              f"but the scheduler's one step starts at sigma_max={generator.sigma_init}")
+    return generator.to(device).eval()
+
+
+def _class_generator_card(generator: OneStepGenerator, pipeline, record):
+    from .model_card import TAGS, ModelCard
+
+    scheduler = type(pipeline.scheduler).__name__
+    c, h, w = pipeline.image_shape
+    d = generator.denoiser
+    kind = (f"EDM-preconditioned UNet2DModel (sigma_data {d.sigma_data})" if isinstance(d, EDMDenoiser)
+            else f"DDPM {d.prediction_type}-prediction UNet2DModel")
+    with_sfd = (
+        "import torch\n"
+        "from sfd_fast import OneStepPipeline\n\n"
+        "pipe = OneStepPipeline.from_pretrained(\"path/to/generator\")\n"
+        "images = pipe([0, 1, 2], generator=torch.Generator().manual_seed(0)).images  # PIL, one step each\n")
+    stock = (
+        "import torch\n"
+        f"from diffusers import UNet2DModel, {scheduler}\n\n"
+        "unet = UNet2DModel.from_pretrained(\"path/to/generator\", subfolder=\"unet\")\n"
+        f"scheduler = {scheduler}.from_pretrained(\"path/to/generator\", subfolder=\"scheduler\")\n"
+        "scheduler.set_timesteps(1)  # the schedule is [sigma_init, 0]\n"
+        "t, sigma = scheduler.timesteps[0], scheduler.sigmas[0]\n"
+        "labels = torch.tensor([0, 1, 2])\n"
+        f"x = sigma * torch.randn(3, {c}, {h}, {w}, generator=torch.Generator().manual_seed(0))\n"
+        "with torch.no_grad():\n"
+        "    out = unet(scheduler.scale_model_input(x, t), t, class_labels=labels).sample\n"
+        "images = scheduler.step(out, t, x).prev_sample  # (3, C, H, W) in [-1, 1]\n")
+    return ModelCard(
+        title="One-step class-conditional generator (Score Forgetting Distillation)",
+        pipeline_tag="unconditional-image-generation",
+        summary=("A one-step generator G(z, c) = D(sigma_init z, sigma_init, c) distilled from a class-conditional "
+                 "diffusion teacher by SFD, which also makes it forget the classes below. One UNet evaluation "
+                 "per image; the scheduler's single step is [sigma_init, 0]. It was distilled for exactly one "
+                 "step: more steps would run it at noise levels it was not trained for."),
+        usage=(("With sfd_fast (`OneStepPipeline`, a diffusers `DiffusionPipeline`):", with_sfd),
+               ("With diffusers alone (the same numbers):", stock)),
+        facts={"network": kind, "classes": pipeline.num_classes, "image shape (C, H, W)": [c, h, w],
+               "sigma_init": generator.sigma_init, "scheduler": scheduler, "steps (NFE)": 1},
+        record=record, tags=(*TAGS, "class-conditional"))
 
 
 def count_parameters(module: nn.Module) -> int:

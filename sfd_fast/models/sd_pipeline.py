@@ -69,6 +69,7 @@ def load_t2i_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu
                       dtype: torch.dtype = torch.float32) -> T2IPipeline:
     """Read a local SD-style pipeline folder; frozen VAE and text encoder in eval mode."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.utils import is_accelerate_available
     from transformers import CLIPTextModel, CLIPTokenizer
 
     path = Path(path)
@@ -80,8 +81,11 @@ def load_t2i_pipeline(path: str | os.PathLike, device: str | torch.device = "cpu
         raise CheckpointError(f"pipeline folder {str(path)!r} lacks the subfolder(s) {missing}; "
                               f"needed: {list(PIPELINE_PARTS)}")
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True, torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True, torch_dtype=dtype)
+        # Low-memory loading only where accelerate is installed: without it diffusers prints a notice per model.
+        quiet = {"low_cpu_mem_usage": is_accelerate_available()}
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True, torch_dtype=dtype,
+                                                    **quiet)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True, torch_dtype=dtype, **quiet)
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True,
                                                      dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")

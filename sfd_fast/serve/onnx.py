@@ -1,10 +1,20 @@
-"""G(z, cond) -> ONNX with a dynamic batch axis, verified in onnxruntime before returning."""
+"""G(z, cond) -> ONNX with a dynamic batch axis, verified in onnxruntime before returning.
+
+``to_onnx`` exports a generator; ``t2i_to_onnx`` exports a text-to-image generator together with
+what serving a prompt needs beside it: the pipeline's text encoder and VAE decoder (both ONNX,
+verified the same way) and its tokenizer. Every file is written into a staging folder first and
+moved into place only once all of them verified, so a failed export leaves nothing behind.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,9 +23,12 @@ import torch
 from torch import nn
 
 DEFAULT_OPSET = 18
+OPSET_RANGE = (14, 20)  # what both exporters and onnxruntime handle here; TorchScript caps at 17
 INPUT_NAMES = ("z", "cond")
 OUTPUT_NAME = "image"
 EXPORTERS = ("dynamo", "torchscript")
+# Beside g.onnx: g.text_encoder.onnx, g.vae_decoder.onnx and the tokenizer folder g.tokenizer/.
+T2I_PARTS = {"text_encoder": ("input_ids", "embeddings"), "vae_decoder": ("latents", "image")}
 
 
 @dataclass
@@ -41,32 +54,93 @@ def example_cond(generator: nn.Module, batch: int) -> torch.Tensor:
     return torch.arange(batch, dtype=torch.int64) % generator.denoiser.num_classes
 
 
-def _export(generator, args, path: Path, exporter: str, opset: int, external_data: bool) -> None:
-    names = {"z": {0: "batch"}, "cond": {0: "batch"}, OUTPUT_NAME: {0: "batch"}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+@contextlib.contextmanager
+def _quiet_exporters():
+    """The dynamo exporter logs one warning per torchvision op it skips (torchvision is not a
+    dependency) and both exporters warn about tracing; none of it concerns the user."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        registration.setLevel(level)
+
+
+def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_name: str, exporter: str,
+            opset: int, external_data: bool) -> None:
+    """Export ``module(*args)`` with a dynamic batch axis ("batch") on every input and the output."""
+    with _quiet_exporters():
         if exporter == "dynamo":
             # AUTO, not Dim("batch", min, max): diffusers branches on the batch size (Upsample2D's
             # `shape[0] >= 64` contiguous()), which a declared range cannot satisfy; AUTO keeps the
             # batch symbolic, and that branch is a no-op in ONNX. Checked at several batches below.
             batch = torch.export.Dim.AUTO
-            torch.onnx.export(generator, args, str(path), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-                              dynamic_shapes={"z": {0: batch}, "c": {0: batch}}, opset_version=opset,
+            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=[output_name],
+                              dynamic_shapes=tuple({0: batch} for _ in args), opset_version=opset,
                               dynamo=True, external_data=external_data, verbose=False)
         else:
-            torch.onnx.export(generator, args, str(path), input_names=list(INPUT_NAMES), output_names=[OUTPUT_NAME],
-                              dynamic_axes=names, opset_version=min(opset, 17), dynamo=False)
+            axes = {name: {0: "batch"} for name in (*input_names, output_name)}
+            torch.onnx.export(module, args, str(path), input_names=input_names, output_names=[output_name],
+                              dynamic_axes=axes, opset_version=min(opset, 17), dynamo=False)
+
+
+def _export_with_fallback(module, args, path, input_names, output_name, exporter, opset, external_data) -> str:
+    """The exporter that worked: dynamo falls back to TorchScript (which traces some graphs dynamo rejects)."""
+    try:
+        _export(module, args, path, input_names, output_name, exporter, opset, external_data)
+        return exporter
+    except Exception as exc:
+        if exporter != "dynamo":
+            raise
+        warnings.warn(f"dynamo ONNX export of {path.name} failed ({exc}); falling back to the TorchScript exporter")
+        _export(module, args, path, input_names, output_name, "torchscript", opset, external_data)
+        return "torchscript"
+
+
+def _max_error(module: nn.Module, path: Path, feeds: dict[str, torch.Tensor]) -> float:
+    """Max |ORT(feeds) - module(*feeds)| on CPU float32."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+    with torch.no_grad():
+        ref = module(*feeds.values())
+    return float((torch.from_numpy(out) - ref.float()).abs().max())
+
+
+@contextlib.contextmanager
+def _staged(path: Path):
+    """A staging folder beside ``path``; on success its files move into ``path.parent`` (sidecar
+    JSONs last, so a reader that sees ``<path>.json`` sees every file it names); on failure it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.export-", dir=path.parent))
+    try:
+        yield stage
+        entries = sorted(stage.iterdir(), key=lambda e: e.name.endswith(".json"))
+        for entry in entries:
+            target = path.parent / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _check_args(exporter: str, opset: int, tolerance: float) -> None:
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
+        raise ValueError(f"opset must be an integer in [{OPSET_RANGE[0]}, {OPSET_RANGE[1]}], got {opset!r}")
+    if not tolerance > 0:
+        raise ValueError(f"tolerance must be > 0, got {tolerance!r}")
 
 
 def verify_onnx(generator: nn.Module, path: str | os.PathLike, z: torch.Tensor, cond: torch.Tensor) -> float:
     """Max |ORT(z, cond) - G(z, cond)| on CPU float32."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    out = session.run(None, {"z": z.numpy(), "cond": cond.numpy()})[0]
-    with torch.no_grad():
-        ref = generator(z, cond)
-    return float((torch.from_numpy(out) - ref).abs().max())
+    return _max_error(generator, Path(path), {"z": z, "cond": cond})
 
 
 def to_onnx(generator: nn.Module, path: str | os.PathLike, *, cond: torch.Tensor | None = None,
@@ -78,12 +152,21 @@ def to_onnx(generator: nn.Module, path: str | os.PathLike, *, cond: torch.Tensor
     class labels, or float (B, L, D) embeddings (text-to-image). Batch is dynamic ("batch").
     exporter: "dynamo" (torch.export + onnxscript) falls back to "torchscript" if it fails.
     external_data: weights beside the .onnx (needed past 2 GB); default: only for > 1.5 GB of weights.
-    Writes ``path.json`` (opset, exporter, shapes, versions, max_abs_error); raises if error > tolerance.
+    Writes ``path.json`` (opset, exporter, shapes, versions, max_abs_error); raises if error > tolerance,
+    and then writes nothing.
     """
-    if exporter not in EXPORTERS:
-        raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _check_args(exporter, opset, tolerance)
+    with _staged(path) as stage:
+        result, meta = _generator_to_onnx(generator, stage / path.name, cond, opset, exporter, external_data,
+                                          tolerance, verify_batches)
+        result.path = str(path)
+        (stage / f"{path.name}.json").write_text(json.dumps({**meta, "path": str(path)}, indent=2))
+    return result
+
+
+def _generator_to_onnx(generator, path: Path, cond, opset, exporter, external_data, tolerance, verify_batches):
+    """(ExportResult, sidecar dict) of G exported to ``path`` (a staging path); raises above tolerance."""
     # Export a copy: the caller's generator (maybe bf16, on a GPU, in training) stays as it is.
     generator = copy.deepcopy(generator).cpu().float().eval()
     shape = tuple(generator.denoiser.image_shape)
@@ -91,18 +174,12 @@ def to_onnx(generator: nn.Module, path: str | os.PathLike, *, cond: torch.Tensor
         cond = example_cond(generator, 2)
     if cond.dtype not in (torch.int64, torch.float32):
         raise ValueError(f"cond must be int64 labels (B,) or float32 embeddings (B, L, D), got dtype {cond.dtype}")
+    cond = cond.detach().cpu()
     if external_data is None:
         external_data = sum(p.numel() * p.element_size() for p in generator.parameters()) > 1.5e9
     z = torch.randn(cond.shape[0], *shape, generator=torch.Generator().manual_seed(0))
-    used = exporter
-    try:
-        _export(generator, (z, cond), path, exporter, opset, external_data)
-    except Exception as exc:  # the dynamo exporter rejects some graphs; TorchScript traces them
-        if exporter != "dynamo":
-            raise
-        warnings.warn(f"dynamo ONNX export failed ({exc}); falling back to the TorchScript exporter")
-        used = "torchscript"
-        _export(generator, (z, cond), path, used, opset, external_data)
+    used = _export_with_fallback(generator, (z, cond), path, list(INPUT_NAMES), OUTPUT_NAME, exporter, opset,
+                                 external_data)
     import onnx
     opset_used = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
 
@@ -125,7 +202,98 @@ def to_onnx(generator: nn.Module, path: str | os.PathLike, *, cond: torch.Tensor
     meta = {**asdict(result), "verified_batches": list(verify_batches),
             "sigma_init": getattr(generator, "sigma_init", None),
             "num_classes": getattr(generator.denoiser, "num_classes", None)}
-    Path(f"{path}.json").write_text(json.dumps(meta, indent=2))
     if not err <= tolerance:  # also catches NaN
-        raise RuntimeError(f"ONNX export of {path} does not match PyTorch: max abs error {err:.3g} > tolerance {tolerance:g}")
-    return result
+        raise RuntimeError(f"ONNX export of {path.name} does not match PyTorch: max abs error {err:.3g} > "
+                           f"tolerance {tolerance:g}; nothing was written")
+    return result, meta
+
+
+class _TextEncoder(nn.Module):
+    """token ids (B, L) int64 -> text embeddings (B, L, D) float32, as ``T2IPipeline.encode_prompts``."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids)[0].float()
+
+
+class _VaeDecoder(nn.Module):
+    """SD latents (B, 4, h, w) -> images (B, 3, H, W) in [-1, 1], as ``T2IPipeline.decode``."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scaling_factor).sample.float().clamp(-1, 1)
+
+
+def t2i_part_paths(path: str | os.PathLike) -> dict[str, Path]:
+    """Where ``t2i_to_onnx(..., path)`` puts the parts beside ``path`` (g.onnx -> g.text_encoder.onnx, ...)."""
+    path = Path(path)
+    stem = path.name.removesuffix(".onnx")
+    return {**{part: path.with_name(f"{stem}.{part}.onnx") for part in T2I_PARTS},
+            "tokenizer": path.with_name(f"{stem}.tokenizer")}
+
+
+def t2i_to_onnx(generator: nn.Module, pipeline, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
+                exporter: str = "dynamo", tolerance: float = 1e-4,
+                verify_batches: tuple[int, ...] = (1, 3)) -> dict[str, ExportResult]:
+    """Export a text-to-image G(z, text embeddings) -> latents and what serving a prompt needs.
+
+    ``pipeline`` is the generator folder's ``T2IPipeline``. Writes ``path`` (G), its ``path.json``
+    sidecar (with a ``text_to_image`` section naming the parts), the text encoder
+    (input_ids (B, L) int64 -> embeddings (B, L, D)) and the VAE decoder (latents -> images in
+    [-1, 1]) as ONNX beside it, each verified in onnxruntime at ``verify_batches`` against PyTorch,
+    and the tokenizer's files. Returns each part's ExportResult ("generator", "text_encoder",
+    "vae_decoder"). Any part above ``tolerance`` raises, and then nothing is written.
+    """
+    path = Path(path)
+    _check_args(exporter, opset, tolerance)
+    tokenizer = pipeline.tokenizer
+    max_length = int(tokenizer.model_max_length)
+    example_ids = tokenizer(["a photo of a cat", ""], padding="max_length", max_length=max_length, truncation=True,
+                            return_tensors="pt").input_ids
+    cond = pipeline.encode_prompts(["a photo of a cat", ""]).detach().cpu().float()
+    parts = t2i_part_paths(path)
+    latent_shape = tuple(generator.denoiser.image_shape)
+    modules = {"text_encoder": _TextEncoder(copy.deepcopy(pipeline.text_encoder).cpu().float().eval()),
+               "vae_decoder": _VaeDecoder(copy.deepcopy(pipeline.vae).cpu().float().eval())}
+    with torch.no_grad():
+        image_shape = tuple(modules["vae_decoder"](torch.zeros(1, *latent_shape)).shape[1:])
+    examples = {"text_encoder": example_ids, "vae_decoder": torch.randn(2, *latent_shape)}
+    vocab = int(pipeline.text_encoder.config.vocab_size)
+
+    def random_feed(part: str, b: int, gen: torch.Generator) -> torch.Tensor:
+        if part == "text_encoder":
+            return torch.randint(0, vocab, (b, max_length), generator=gen)
+        return torch.randn(b, *latent_shape, generator=gen)
+
+    results: dict[str, ExportResult] = {}
+    with _staged(path) as stage:
+        results["generator"], meta = _generator_to_onnx(generator, stage / path.name, cond, opset, exporter, None,
+                                                        tolerance, verify_batches)
+        results["generator"].path = str(path)
+        section = {"max_length": max_length, "latent_shape": list(latent_shape), "image_shape": list(image_shape),
+                   "tokenizer": parts["tokenizer"].name}
+        for part, module in modules.items():
+            target = stage / parts[part].name
+            used = _export_with_fallback(module, (examples[part],), target, [T2I_PARTS[part][0]], T2I_PARTS[part][1],
+                                         exporter, opset, False)
+            err = max(_max_error(module, target, {T2I_PARTS[part][0]: random_feed(part, b, torch.Generator().manual_seed(b))})
+                      for b in verify_batches)
+            if not err <= tolerance:
+                raise RuntimeError(f"ONNX export of the {part} does not match PyTorch: max abs error {err:.3g} > "
+                                   f"tolerance {tolerance:g}; nothing was written")
+            results[part] = ExportResult(str(parts[part]), used, results["generator"].opset, err, tolerance,
+                                         {T2I_PARTS[part][0]: {"shape": ["batch", *examples[part].shape[1:]]}},
+                                         {T2I_PARTS[part][1]: {"shape": ["batch", *(image_shape if part == "vae_decoder" else cond.shape[1:])]}},
+                                         results["generator"].versions)
+            section[part] = {"file": parts[part].name, "exporter": used, "max_abs_error": err}
+        tokenizer.save_pretrained(stage / parts["tokenizer"].name)
+        (stage / f"{path.name}.json").write_text(json.dumps({**meta, "path": str(path), "text_to_image": section},
+                                                            indent=2))
+    return results

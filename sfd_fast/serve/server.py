@@ -2,7 +2,9 @@
 
 One worker thread owns the runner (runners are not assumed thread-safe) and batches queued requests
 up to ``max_batch`` images or ``max_wait_ms``. The queue is bounded: when full, /generate answers 503.
-Forgotten classes are served like any other class: the response is what the model now generates.
+One code path serves class labels and prompts: a class-conditional runner takes ``{"class": k}``,
+a text-to-image runner (one with ``encode_prompts``) takes ``{"prompt": "..."}``.
+Forgotten classes and concepts are served like any other: the response is what the model now generates.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 FORMATS = ("png", "raw")
+MAX_PROMPT_CHARS = 1000  # longer prompts are refused (the tokenizer truncates to its context anyway)
 
 
 class BadRequest(ValueError):
@@ -27,7 +30,7 @@ class BadRequest(ValueError):
 
 @dataclass
 class _Job:
-    label: int
+    condition: int | str  # a class label, or a prompt
     count: int
     seed: int
     done: threading.Event = field(default_factory=threading.Event)
@@ -35,17 +38,23 @@ class _Job:
     error: str | None = None
 
 
-def parse_request(body: bytes, num_classes: int, max_count: int) -> dict:
-    """Validate a /generate JSON body -> {class, count, seed, format}; raises BadRequest naming the problem."""
+def parse_request(body: bytes, num_classes: int | None, max_count: int, prompts: bool = False) -> dict:
+    """Validate a /generate JSON body -> {class or prompt, count, seed, format}; raises BadRequest naming the problem.
+
+    ``prompts``: the model is text-to-image and takes "prompt" (a non-empty string) instead of "class".
+    """
+    key = "prompt" if prompts else "class"
+    example = '{"prompt": "a photo of a cat"' if prompts else '{"class": 3'
+
     try:
         req = json.loads(body or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"body is not valid JSON: {exc}")
     if not isinstance(req, dict):
-        raise BadRequest('body must be a JSON object like {"class": 3, "count": 4, "seed": 0, "format": "png"}')
-    unknown = set(req) - {"class", "count", "seed", "format"}
+        raise BadRequest(f'body must be a JSON object like {example}, "count": 4, "seed": 0, "format": "png"}}')
+    unknown = set(req) - {key, "count", "seed", "format"}
     if unknown:
-        raise BadRequest(f"unknown field(s) {sorted(unknown)}; allowed: class, count, seed, format")
+        raise BadRequest(f"unknown field(s) {sorted(unknown)}; allowed: {key}, count, seed, format")
 
     def integer(name, default, lo, hi):
         v = req.get(name, default)
@@ -55,9 +64,18 @@ def parse_request(body: bytes, num_classes: int, max_count: int) -> dict:
             raise BadRequest(f"{name!r} must be in [{lo}, {hi}], got {v}")
         return v
 
-    if "class" not in req:
-        raise BadRequest(f"'class' is required (an integer in [0, {num_classes - 1}])")
-    out = {"class": integer("class", None, 0, num_classes - 1), "count": integer("count", 1, 1, max_count),
+    if prompts:
+        prompt = req.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BadRequest(f"'prompt' is required: a non-empty string, got {prompt!r}")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise BadRequest(f"'prompt' has {len(prompt)} characters; at most {MAX_PROMPT_CHARS} are allowed")
+        condition = prompt
+    else:
+        if "class" not in req:
+            raise BadRequest(f"'class' is required (an integer in [0, {num_classes - 1}])")
+        condition = integer("class", None, 0, num_classes - 1)
+    out = {key: condition, "count": integer("count", 1, 1, max_count),
            "seed": integer("seed", 0, 0, 2**63 - 1), "format": req.get("format", "png")}
     if out["format"] not in FORMATS:
         raise BadRequest(f"'format' must be one of {list(FORMATS)}, got {out['format']!r}")
@@ -88,8 +106,17 @@ class GenerationServer:
 
     def __init__(self, runner, host: str = "127.0.0.1", port: int = 8000, *, max_batch: int = 64,
                  max_wait_ms: float = 5.0, max_count: int = 64, queue_size: int = 256, timeout_s: float = 60.0):
-        if runner.num_classes is None:
-            raise ValueError("the runner does not know its number of classes (sidecar JSON without num_classes)")
+        self.prompts = hasattr(runner, "encode_prompts")
+        if not self.prompts and runner.num_classes is None:
+            raise ValueError(f"the {runner.name} model takes neither class labels (its sidecar has no num_classes) nor "
+                             "prompts (no text encoder exported with it); serve takes a class-conditional export, or "
+                             "a text-to-image .onnx written by `sfd-fast export --generator <text-to-image generator "
+                             "folder>` (text encoder and VAE decoder beside it)")
+        # z's shape: the latents of a text-to-image model, else the images themselves
+        self.noise_shape = tuple(getattr(runner, "noise_shape", runner.image_shape))
+        if min(max_batch, max_count, queue_size) < 1 or max_wait_ms < 0:
+            raise ValueError(f"max_batch, max_count and queue_size must be >= 1 and max_wait_ms >= 0, got "
+                             f"{max_batch}, {max_count}, {queue_size} and {max_wait_ms}")
         if max_count > max_batch:
             raise ValueError(f"max_count ({max_count}) must not exceed max_batch ({max_batch})")
         self.runner, self.max_batch, self.max_wait = runner, max_batch, max_wait_ms / 1000
@@ -129,9 +156,12 @@ class GenerationServer:
     def _run(self, batch: list[_Job]) -> None:
         try:
             # Noise from each request's own seed, so results do not depend on how requests were batched.
-            z = torch.cat([torch.randn(j.count, *self.runner.image_shape, generator=torch.Generator().manual_seed(j.seed))
+            z = torch.cat([torch.randn(j.count, *self.noise_shape, generator=torch.Generator().manual_seed(j.seed))
                            for j in batch])
-            c = torch.cat([torch.full((j.count,), j.label, dtype=torch.int64) for j in batch])
+            if self.prompts:  # each distinct prompt encoded once per batch, its rows repeated per image
+                c = self.runner.encode_prompts([j.condition for j in batch for _ in range(j.count)])
+            else:
+                c = torch.cat([torch.full((j.count,), j.condition, dtype=torch.int64) for j in batch])
             images = self.runner(z, c).cpu()
             self.stats["batches"] += 1
             for j, part in zip(batch, images.split([j.count for j in batch])):
@@ -168,8 +198,10 @@ class GenerationServer:
                 if self.path != "/health":
                     return self._json(404, {"error": f"no route GET {self.path}; try GET /health or POST /generate"})
                 self._json(200, {"status": "stopping" if server._stopping.is_set() else "ok",
-                                 "backend": server.runner.name, "num_classes": server.runner.num_classes,
-                                 "image_shape": list(server.runner.image_shape), "max_count": server.max_count,
+                                 "backend": server.runner.name, "condition": "prompt" if server.prompts else "class",
+                                 "num_classes": server.runner.num_classes,
+                                 "image_shape": list(server.runner.image_shape),
+                                 "noise_shape": list(server.noise_shape), "max_count": server.max_count,
                                  "queue": server.jobs.qsize(), **server.stats})
 
             def do_POST(self):
@@ -179,12 +211,13 @@ class GenerationServer:
                     length = int(self.headers.get("Content-Length", "0"))
                     if length > 1 << 16:
                         raise BadRequest(f"body of {length} bytes is over the 65536-byte limit")
-                    req = parse_request(self.rfile.read(length), server.runner.num_classes, server.max_count)
+                    req = parse_request(self.rfile.read(length), server.runner.num_classes, server.max_count,
+                                        server.prompts)
                 except (BadRequest, ValueError) as exc:
                     return self._json(400, {"error": str(exc)})
                 if server._stopping.is_set():
                     return self._json(503, {"error": "server is shutting down"})
-                job = _Job(req["class"], req["count"], req["seed"])
+                job = _Job(req["prompt" if server.prompts else "class"], req["count"], req["seed"])
                 try:
                     server.jobs.put_nowait(job)
                 except queue.Full:
@@ -196,7 +229,9 @@ class GenerationServer:
                     return self._json(500, {"error": job.error})
                 server.stats["requests"] += 1
                 server.stats["images"] += job.count
-                headers = {"X-Class": job.label, "X-Count": job.count, "X-Seed": job.seed}
+                headers = {"X-Count": job.count, "X-Seed": job.seed}
+                if not server.prompts:  # a prompt is not echoed: headers are latin-1 only
+                    headers["X-Class"] = job.condition
                 if req["format"] == "png":
                     return self._send(200, to_png(job.images), "image/png", headers)
                 self._send(200, to_npy(job.images), "application/x-npy", headers)

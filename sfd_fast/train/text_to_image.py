@@ -24,8 +24,9 @@ from ..core.prompts import ConceptSpec, PromptConditions
 from ..core.state import SFDState
 from ..io.atomic import CheckpointError
 from ..models.latent_denoiser import LatentDenoiser
+from ..models.model_card import ModelCard, RunRecord
 from ..models.networks import OneStepGenerator, _replace_dir
-from ..models.sd_pipeline import PIPELINE_PARTS, T2IPipeline, load_t2i_pipeline
+from ..models.sd_pipeline import T2IPipeline, load_t2i_pipeline
 
 GENERATOR_META = "sfd_fast.json"
 T2I_GENERATOR_ROLE = "t2i_one_step_generator"  # the sidecar's "role" (class generators share the file name)
@@ -86,29 +87,92 @@ def build_t2i_state(pipeline: T2IPipeline, spec: ConceptSpec, config: SFDConfig 
     return state
 
 
+PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")  # never copied into a generator folder
+
+
 def save_t2i_generator(generator: OneStepGenerator, pipeline_dir: str | os.PathLike, out: str | os.PathLike,
-                       negative_prompt: str = "") -> Path:
-    """A pipeline folder whose unet/ is G's (VAE, text encoder, tokenizer copied), plus G's sidecar JSON."""
+                       negative_prompt: str = "", record: RunRecord | None = None) -> Path:
+    """G as a complete diffusers pipeline folder that stock ``StableDiffusionPipeline`` samples in one step.
+
+    ``unet/`` is G's; ``scheduler/`` is the one-step EulerDiscreteScheduler (``one_step_euler_scheduler``:
+    one step = [sigma_init, 0]); every other component of the teacher's ``model_index.json`` (VAE, text
+    encoder, tokenizer, ...) is copied (safetensors only). ``README.md`` is the model card (``record``
+    adds teacher, concepts, config and metrics); ``sfd_fast.json`` keeps G's sigma_init, CFG scale and
+    negative prompt for ``load_t2i_generator``. ``one_step_call_kwargs(out)`` is the call that reproduces G.
+    """
+    from ..models.one_step_pipeline import one_step_euler_scheduler
+
     pipeline_dir, out = Path(pipeline_dir), Path(out)
+    denoiser = generator.denoiser
+    scheduler = one_step_euler_scheduler(denoiser.scheduler_config, generator.sigma_init)
+    index = json.loads((pipeline_dir / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", type(scheduler).__name__]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        shutil.copy2(pipeline_dir / "model_index.json", tmp / "model_index.json")
-        for part in PIPELINE_PARTS:
-            if part != "unet":
-                shutil.copytree(pipeline_dir / part, tmp / part)
-        denoiser = generator.denoiser
+        for name, entry in index.items():
+            copied = (not name.startswith("_") and name not in ("unet", "scheduler") and isinstance(entry, list)
+                      and entry and entry[0] is not None)
+            if copied and (pipeline_dir / name).is_dir():
+                shutil.copytree(pipeline_dir / name, tmp / name, ignore=shutil.ignore_patterns(*PICKLED_WEIGHTS))
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         denoiser.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        scheduler.save_pretrained(tmp / "scheduler")
         meta = {"role": T2I_GENERATOR_ROLE, "sigma_init": generator.sigma_init,
                 "guidance_scale": denoiser.guidance_scale, "negative_prompt": negative_prompt}
         (tmp / GENERATOR_META).write_text(json.dumps(meta, indent=2))
+        _t2i_card(generator, index, meta, record or RunRecord(teacher=str(pipeline_dir))).write(tmp)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _call_kwargs(meta: dict) -> dict:
+    kwargs = {"num_inference_steps": 1, "guidance_scale": float(meta["guidance_scale"])}
+    if meta["guidance_scale"] != 1 and meta.get("negative_prompt"):
+        kwargs["negative_prompt"] = meta["negative_prompt"]
+    return kwargs
+
+
+def one_step_call_kwargs(path: str | os.PathLike) -> dict:
+    """Keyword arguments of ``StableDiffusionPipeline.__call__`` that make the folder at ``path`` sample G:
+    ``num_inference_steps=1``, G's own ``guidance_scale`` (1.0 unless distilled with a generator CFG) and,
+    with CFG, its ``negative_prompt`` (a string: with a list of prompts diffusers wants a list of the same length)."""
+    meta = _generator_meta(path)
+    if meta.get("role") != T2I_GENERATOR_ROLE:
+        raise CheckpointError(f"{str(path)!r} is not a text-to-image one-step generator folder")
+    return _call_kwargs(meta)
+
+
+def _t2i_card(generator: OneStepGenerator, index: dict, meta: dict, record: RunRecord) -> ModelCard:
+    denoiser = generator.denoiser
+    pipeline_class = index.get("_class_name", "StableDiffusionPipeline")
+    args = ", ".join(f"{k}={v!r}" for k, v in _call_kwargs(meta).items())
+    usage = (f"from diffusers import {pipeline_class}\n\n"
+             f"pipe = {pipeline_class}.from_pretrained(\"path/to/generator\")\n"
+             f"image = pipe(\"a photo of a cat\", {args}).images[0]\n")
+    t_init = float(denoiser.timestep(torch.tensor([generator.sigma_init], device=denoiser.log_sigmas.device)))
+    guidance = ("no classifier-free guidance: the teacher's CFG was distilled into G, one UNet call per image"
+                if meta["guidance_scale"] == 1 else
+                f"CFG {meta['guidance_scale']} with negative prompt {meta['negative_prompt']!r} (two UNet calls)")
+    return ModelCard(
+        title="One-step text-to-image generator (Score Forgetting Distillation)", pipeline_tag="text-to-image",
+        summary=("A one-step generator G(z, text) = D(sigma_init z, sigma_init, text) distilled from the teacher "
+                 "pipeline below by SFD, which also makes it forget the concepts listed. This folder is a complete "
+                 f"diffusers `{pipeline_class}`: its scheduler is an `EulerDiscreteScheduler` with Karras sigmas "
+                 "capped at sigma_init, so `num_inference_steps=1` runs exactly [sigma_init, 0] and reproduces G. "
+                 f"Pass `guidance_scale={meta['guidance_scale']}` (the pipeline's default 7.5 would add CFG that "
+                 "G was not distilled with) and one step (more steps run G at noise levels it was not trained for)."),
+        usage=((f"With diffusers alone (`{pipeline_class}`, nothing of sfd_fast is imported):", usage),),
+        facts={"pipeline": pipeline_class, "prediction type": denoiser.prediction_type,
+               "sigma_init": generator.sigma_init, "t_init (fractional training timestep)": round(t_init, 4),
+               "scheduler": "EulerDiscreteScheduler, use_karras_sigmas, sigma_max = sigma_init",
+               "steps (NFE)": 1, "guidance": guidance},
+        record=record)
 
 
 def _generator_meta(path: str | os.PathLike) -> dict:
@@ -136,15 +200,21 @@ def load_t2i_generator(path: str | os.PathLike, device: str | torch.device = "cp
 
 
 @torch.no_grad()
-def sample_t2i(generator: OneStepGenerator, pipeline: T2IPipeline, prompts: list[str], seed: int = 0) -> torch.Tensor:
-    """Images (N, 3, H, W) in [-1, 1]: one generator call per prompt batch, then the VAE decode."""
+def sample_t2i_latents(generator: OneStepGenerator, pipeline: T2IPipeline, prompts: list[str],
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, latents): the unit noise (N, 4, h, w) drawn from ``seed`` and G's latents for it (one call)."""
     device = next(generator.parameters()).device
     emb = pipeline.encode_prompts(prompts).to(device)
     rng = torch.Generator(device=device).manual_seed(seed)
     z = torch.randn((len(prompts), *generator.denoiser.image_shape), generator=rng, device=device)
-    return pipeline.decode(generator(z, emb))
+    return z, generator(z, emb)
+
+
+@torch.no_grad()
+def sample_t2i(generator: OneStepGenerator, pipeline: T2IPipeline, prompts: list[str], seed: int = 0) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1]: one generator call per prompt batch, then the VAE decode."""
+    return pipeline.decode(sample_t2i_latents(generator, pipeline, prompts, seed)[1])
 
 
 __all__ = ["T2IOptions", "T2I_SFD_CONFIG", "build_t2i_state", "save_t2i_generator", "load_t2i_generator",
-           "is_t2i_generator",
-           "sample_t2i"]
+           "is_t2i_generator", "one_step_call_kwargs", "sample_t2i", "sample_t2i_latents"]
