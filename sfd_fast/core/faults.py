@@ -198,9 +198,9 @@ def check_health(state, max_consecutive: int | None = None) -> None:
     """
     bad = nonfinite_modules(state)
     if bad:
-        raise NonFiniteError(f"the {', '.join(bad)} weights became non-finite by step {state.step} (an update "
-                             "overflowed: lower the learning rate); nothing non-finite is saved, resume from the "
-                             "last checkpoint")
+        raise NonFiniteError(f"the {', '.join(bad)} weights became non-finite by step {state.step} (a NaN/inf "
+                             "teacher, or an update that overflowed: check the teacher, lower the learning rate); "
+                             "nothing non-finite is saved; resume from the last checkpoint")
     limit = max_consecutive if max_consecutive is not None else getattr(
         state.config, "max_consecutive_nonfinite", None)
     if not limit:
