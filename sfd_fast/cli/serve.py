@@ -36,6 +36,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="micro-batch collection window (default: 5)")
     p.add_argument("--max-count", type=int, default=16, help="images per request limit (default: 16)")
     p.add_argument("--queue-size", type=int, default=256, help="queued requests before 503 (default: 256)")
+    p.add_argument("--request-timeout-s", type=float, default=10.0,
+                   help="a client stalled this long sending a request (or reading the answer) is dropped (default: 10)")
+    p.add_argument("--max-connections", type=int, default=128,
+                   help="open connections (one thread each) before new ones get 503 (default: 128)")
     p.set_defaults(handler=run_serve, no_progress=True)
 
 
@@ -87,7 +91,8 @@ def run_serve(args) -> int:
         return 2
     try:
         server = GenerationServer(runner, args.host, args.port, max_batch=args.max_batch,
-                                  max_wait_ms=args.max_wait_ms, max_count=args.max_count, queue_size=args.queue_size)
+                                  max_wait_ms=args.max_wait_ms, max_count=args.max_count, queue_size=args.queue_size,
+                                  request_timeout_s=args.request_timeout_s, max_connections=args.max_connections)
     except OSError as exc:  # port in use, address not local, no permission
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from None
     kind = "prompts" if server.prompts else f"classes 0..{runner.num_classes - 1}"
