@@ -58,7 +58,7 @@ def test_sigterm_during_cli_distill_leaves_a_loadable_checkpoint(tiny_teacher, t
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err
+    assert proc.returncode == 143, err  # interrupted is not success (cli.args.EXIT_INTERRUPTED)
     assert "interrupted at step" in out and "--resume" in out
     last = latest_checkpoint(ckpt)
     assert len(list_checkpoints(ckpt)) <= 2

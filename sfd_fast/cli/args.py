@@ -111,3 +111,8 @@ def is_text_to_image_folder(path: Path) -> bool:
         if unet.get("_class_name") == "UNet2DConditionModel" or unet.get("cross_attention_dim") is not None:
             return True
     return False
+
+
+# A stop signal (SIGTERM/SIGINT) ended a run before its last step: not success, so a scheduler
+# does not mistake it for a finished run; the checkpoint, if any, is the result (128 + SIGTERM).
+EXIT_INTERRUPTED = 143

@@ -16,7 +16,7 @@ from ..core.config import SFDConfig
 from ..core.forget import ForgetSpec
 from ..eval.classifier import CLASSIFIER_FILE, DigitClassifier
 from ..eval.evaluate import class_grid, evaluate_sampler, teacher_sampler
-from ..io.atomic import ensure_writable_dir, write_json
+from ..io.atomic import check_writable_dir, write_json
 from ..io.data import ASSETS
 from ..models.model_card import RunRecord
 from ..models.networks import load_denoiser, save_generator
@@ -38,7 +38,7 @@ def run_demo(out: str | Path, *, steps: int | None = None, seed: int = 0, forget
     for name, value in (("steps", steps), ("per_class", per_class), ("teacher_steps", teacher_steps)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    out = ensure_writable_dir(out)  # refuse before training, not after it
+    out = check_writable_dir(out)  # refuse before training, not after it
     torch.manual_seed(seed)
     teacher = load_denoiser(teacher_dir, device)
     classifier = DigitClassifier.load(classifier_path, device)
@@ -48,6 +48,7 @@ def run_demo(out: str | Path, *, steps: int | None = None, seed: int = 0, forget
     log = []
     state = distill(teacher, config, steps, device=device, progress=progress,
                     on_log=lambda step, m: log.append({"step": step, **m}))
+    out.mkdir(parents=True, exist_ok=True)
     generator = state.generator_ema.eval()
     shape = teacher.image_shape
     metrics = evaluate_sampler(generator, 1, classifier, spec, shape, per_class=per_class, seed=seed, device=device)

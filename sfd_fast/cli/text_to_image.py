@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .args import add_resilience_args, under_torchrun
+from .args import EXIT_INTERRUPTED, add_resilience_args, under_torchrun
 
 DEFAULT_REMAIN = ("a photo of a cat", "a landscape painting", "a red car on a street", "a bowl of fruit",
                   "a woman reading a book", "a man riding a bicycle")
@@ -161,7 +161,7 @@ def _distill(args) -> int:
         if not main:
             return 0
         if result.report_start_and_stop():
-            return 0
+            return EXIT_INTERRUPTED
         args.out.mkdir(parents=True, exist_ok=True)
         run_config = {"sfd": config.to_dict(), "t2i": vars(options), "step_options": args.step_options,
                       "robust": {"inner_steps": args.robust_inner_steps} if args.robust else None,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..io.atomic import check_writable_dir
 from ..models.unet import UNET_PRESETS, UNetConfig
-from .args import (add_common, add_forget_args, add_resilience_args, add_sfd_config_args, add_step_args,
-                   check_step_args, is_text_to_image_folder, sfd_config, under_torchrun)
+from .args import (EXIT_INTERRUPTED, add_common, add_forget_args, add_resilience_args, add_sfd_config_args,
+                   add_step_args, check_step_args, is_text_to_image_folder, sfd_config, under_torchrun)
 
 
 def add_parsers(sub) -> None:
@@ -110,7 +111,12 @@ def run_distill(args) -> int:
                          "folder; distil it with `sfd-fast distill --pipeline DIR` (prompts, not classes)")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.keep_last < 1:
+        raise ValueError(f"--keep-last must be >= 1, got {args.keep_last}")
     check_step_args(args)
+    check_writable_dir(args.out)  # refuse now, not after training
+    if args.checkpoint_dir is not None:
+        check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
     config = sfd_config(args)
     # The reference preset runs train_step exactly as before (options=None); $SFD_FAST_BACKEND still applies.
     options = None if args.step_options == "reference" else args.step_options
@@ -148,9 +154,9 @@ def run_distill(args) -> int:
         if result.interrupted and root is None:
             print(f"sfd-fast distill: interrupted at step {state.step} of {args.steps}; nothing written (add "
                   "--checkpoint-every N to make a run resumable)", file=sys.stderr)
-            return 130
+            return EXIT_INTERRUPTED
         if result.report_start_and_stop(say):
-            return 0
+            return EXIT_INTERRUPTED
         if distributed.is_main():
             args.out.mkdir(parents=True, exist_ok=True)
             save_generator(state.generator_ema, args.out / "generator")

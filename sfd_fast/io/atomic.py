@@ -30,23 +30,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
-def ensure_writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:
-    """Create ``path`` (and parents) and prove a file can be written there, before any long work.
+def check_writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:
+    """Raise ValueError (naming the option and the reason) unless ``path`` can become a folder we write.
 
-    Raises ValueError naming the option and the reason (a file in the way, no permission), so a
-    run is refused at its start instead of failing after training.
+    Creates nothing, so a run refused later for another reason leaves no empty folder behind;
+    called before any long work, so a file in the way or a read-only parent stops the run at its
+    start instead of after training.
     """
     path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=path)
-        os.close(fd)
-        os.unlink(probe)
-    except (FileExistsError, NotADirectoryError):
-        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
-        raise ValueError(f"{what} {str(path)!r}: a file is in the way ({str(blocker)!r} must be a folder)") from None
-    except OSError as exc:
-        raise ValueError(f"{what} {str(path)!r} is not writable: {exc.strerror or exc}") from None
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{what} {str(path)!r}: a file is in the way ({str(existing)!r} must be a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {str(path)!r} is not writable (no write permission on {str(existing)!r})")
     return path
 
 
