@@ -239,6 +239,7 @@ def test_class_folder_is_a_one_step_pipeline(class_run):
     assert meta["role"] == "one_step_generator" and meta["sigma_init"] == 2.5 and meta["kind"] == "edm"
     card = (gen / "README.md").read_text()
     assert "library_name: diffusers" in card and "OneStepPipeline.from_pretrained" in card
+    assert "## What it forgets" in card and "teacher" in card and "lambda_g" in card  # the run's record
 
 
 def test_one_step_pipeline_reproduces_cli_sample_and_library_generator(class_run, tmp_path):

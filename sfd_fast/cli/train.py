@@ -102,6 +102,7 @@ def run_distill(args) -> int:
     from ..core.state import SFDState
     from ..core.step import train_step
     from ..io.atomic import write_json
+    from ..models.model_card import RunRecord
     from ..models.networks import load_denoiser, save_generator
     from ..train import distributed
     from ..train.resilient import run_resilient
@@ -159,7 +160,11 @@ def run_distill(args) -> int:
             return EXIT_INTERRUPTED
         if distributed.is_main():
             args.out.mkdir(parents=True, exist_ok=True)
-            save_generator(state.generator_ema, args.out / "generator")
+            spec = state.forget
+            record = RunRecord(teacher=str(args.teacher), forget=tuple(map(str, spec.forget)),
+                               override=() if spec.override is None else tuple(map(str, spec.override)),
+                               config=config.to_dict(), metrics=result.log[-1] if result.log else None)
+            save_generator(state.generator_ema, args.out / "generator", record=record)  # with its model card
             write_json(config.to_dict(), args.out / "config.json")
             write_json({"log": result.log, "step_options": args.step_options}, args.out / "train_log.json")
             say(f"saved generator to {args.out / 'generator'}" + (f"; checkpoint {result.checkpoint}" if root else ""))
