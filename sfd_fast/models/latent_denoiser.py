@@ -18,6 +18,7 @@ from torch import nn
 
 from .ddpm_schedule import log_sigma_table, sigma_of_timestep, timestep_of_sigma
 from .networks import batch_sigma
+from .unet import unet_image_shape
 
 
 class LatentDenoiser(nn.Module):
@@ -70,9 +71,7 @@ class LatentDenoiser(nn.Module):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        size = self.unet.config.sample_size
-        size = size if isinstance(size, int) else size[0]
-        return (int(self.unet.config.in_channels), int(size), int(size))
+        return unet_image_shape(self.unet)
 
     @property
     def text_shape(self) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..io.atomic import CheckpointError
 from .ddpm_schedule import log_sigma_table, timestep_of_sigma
-from .unet import _require_class_conditioning
+from .unet import _require_class_conditioning, unet_image_shape
 
 DENOISER_META = "sfd_fast.json"  # sidecar naming the parameterisation of a saved denoiser
 
@@ -70,9 +70,7 @@ class EDMDenoiser(nn.Module):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        size = self.unet.config.sample_size
-        size = size if isinstance(size, int) else size[0]
-        return (int(self.unet.config.in_channels), int(size), int(size))
+        return unet_image_shape(self.unet)
 
     def network_output(self, x: torch.Tensor, sigma: torch.Tensor, c: torch.Tensor):
         """(F, c_skip, c_out): the raw network output and the epilogue coefficients (fp32)."""

@@ -33,6 +33,8 @@ import torch
 from diffusers import DiffusionPipeline, EDMEulerScheduler, EulerDiscreteScheduler, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .unet import unet_image_shape
+
 # The keys of a DDPM-family scheduler config that define the training noise table and what the
 # UNet predicts; everything else (spacing, offsets, clipping) is about a sampler, not the model.
 TRAINING_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
@@ -111,9 +113,7 @@ class OneStepPipeline(DiffusionPipeline):
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        size = self.unet.config.sample_size
-        size = size if isinstance(size, int) else size[0]
-        return (int(self.unet.config.in_channels), int(size), int(size))
+        return unet_image_shape(self.unet)
 
     @property
     def sigma_init(self) -> float:

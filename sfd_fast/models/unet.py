@@ -86,6 +86,13 @@ def _require_class_conditioning(unet: nn.Module, where: str = "the UNet") -> Non
         unet.class_embedding = new
 
 
+def unet_image_shape(unet: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of the images a diffusers UNet takes (``sample_size`` may be an int or a pair)."""
+    size = unet.config.sample_size
+    size = size if isinstance(size, int) else size[0]
+    return (int(unet.config.in_channels), int(size), int(size))
+
+
 def build_unet(config: UNetConfig):
     """A fresh class-conditional diffusers ``UNet2DModel`` with the given shape."""
     from diffusers import UNet2DModel
