@@ -3,6 +3,12 @@
 Groups: latency-b1 (batch 1) and throughput-b64 (batch 64). Every entry records ``images`` and
 ``nfe`` in extra_info; the one-step speed-up per image = teacher-heun mean / provider mean in the
 same group (same batch, same run). Preset: SFD_BENCH_PRESET=tiny|demo (default tiny).
+Timing: host perf_counter around one call followed by ``torch.cuda.synchronize()``: the latency
+a caller sees, launches and (for onnxruntime, whose runner takes and returns torch tensors)
+host <-> device copies included. The onnxruntime rows record the execution provider that ran
+(``ort_providers``): CUDAExecutionProvider needs the onnxruntime-gpu wheel; with plain
+onnxruntime a GPU machine's onnxruntime row is a CPU number, and its ``note`` says so.
+SFD_BENCH_QUICK=1 (bench/gpu_check.sh): fewer rounds.
 
     python -m pytest bench/bench_inference.py --benchmark-enable --benchmark-json=bench/results/inference-cpu.json
 """
@@ -14,6 +20,7 @@ import os
 import pytest
 import torch
 
+import _timing
 from sfd_fast import EDMDenoiser, UNetConfig, build_unet
 from sfd_fast.models.networks import OneStepGenerator
 from sfd_fast.models.sampler import edm_heun_sample, heun_nfe
@@ -54,7 +61,8 @@ def _run(benchmark, group, fn, nfe):
         return out
 
     call()  # warm-up (compilation, allocator)
-    benchmark.pedantic(call, rounds=5 if b > 1 else 20, iterations=1)
+    rounds = (3 if b > 1 else 10) if _timing.quick() else (5 if b > 1 else 20)
+    benchmark.pedantic(call, rounds=rounds, iterations=1)
 
 
 @pytest.mark.parametrize("group", BATCHES)
@@ -74,6 +82,12 @@ def test_torch_compile(benchmark, generator, group):
 @pytest.mark.parametrize("group", BATCHES)
 def test_onnxruntime(benchmark, generator, onnx_path, group):
     runner = OnnxRuntimeRunner(onnx_path)
+    session = getattr(runner, "session", None)
+    used = session.get_providers() if session is not None else ["unknown"]
+    benchmark.extra_info["ort_providers"] = used
+    if DEVICE == "cuda" and "CUDAExecutionProvider" not in used:
+        benchmark.extra_info["note"] = ("onnxruntime ran on CPUExecutionProvider: CUDAExecutionProvider is not "
+                                        "available (install onnxruntime-gpu)")
     z, c = _inputs(generator, BATCHES[group])
     _run(benchmark, group, lambda: runner(z, c), 1)
 

@@ -17,7 +17,12 @@ Providers, each (T2IOptions, train_step options):
   fast                       bf16 weights + the "fast" preset (shared G sample, channels_last,
                              compile and CUDA graphs where the device allows; compile off on CPU)
 Reported in ``extra_info``: images/s, steps/s, ratio to reference_fp32 measured in this run, UNet
-forward FLOPs (one CFG-less call), ``saved_for_backward_bytes`` (distinct tensors autograd kept
+forward FLOPs (one CFG-less call over the batch), the step's FLOPs from the per-provider model of
+bench/_flops.py (teacher and fake score at 2x batch for CFG, G at 1x; the G sample reused on the
+fast path with share_noise; forwards recomputed under gradient checkpointing) next to a
+FlopCounterMode count of one eager-equivalent step, achieved model FLOP/s and, on GPU, MFU
+(model FLOPs, no recompute) and HFU (counted FLOPs, recompute included) against the dense bf16
+peak; ``saved_for_backward_bytes`` (distinct tensors autograd kept
 for backward during one whole step, weights excluded: the activation memory, measurable on CPU),
 ``state_bytes`` (weights of the four networks + optimizer state incl. master copies), and on CUDA
 the peak allocated memory.
@@ -25,12 +30,15 @@ the peak allocated memory.
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import _flops
+import _timing
 from sfd_fast import train_step
 from sfd_fast.core.prompts import ConceptSpec
 from sfd_fast.core.step_options import StepOptions
@@ -51,7 +59,9 @@ PROVIDERS = {
                                            gradient_checkpointing=True), "fused"),
     "fast": (BF16_WEIGHTS, "fast"),
 }
-ROUNDS = {"cpu": 5, "cuda": 10}  # timed rounds; the untimed memory-measuring step is the warm-up
+# timed rounds; the untimed memory-measuring step is the warm-up. SFD_BENCH_QUICK=1: fewer, and
+# "fast" with compile off on GPU too (bench/gpu_check.sh budget).
+ROUNDS = {"cpu": 2, "cuda": 3} if _timing.quick() else {"cpu": 5, "cuda": 10}
 CONFIG = T2I_SFD_CONFIG.replace(batch_size=4, forget_batch_size=4)
 SPEC = ConceptSpec.from_substitution("brad pitt", "a middle aged man",
                                      ["a photo of a cat", "a red car", "a bowl of fruit"])
@@ -62,9 +72,14 @@ def step_options(name: str | None, device: torch.device) -> StepOptions | None:
     if name is None:
         return None
     options = StepOptions.from_name(name)
-    if device.type != "cuda" and options.compile != "off":
+    if (device.type != "cuda" or _timing.quick()) and options.compile != "off":
         options = options.replace(compile="off")  # inductor on a 2-core CPU takes minutes per UNet
     return options
+
+
+def cfg_calls(scale: float) -> int:
+    """UNet batch multiplier of a denoiser with CFG scale ``scale``: cond + uncond in one call when != 1."""
+    return 1 if scale == 1 else 2
 
 
 def state_bytes(state) -> int:
@@ -108,9 +123,15 @@ def pipeline_dir(tmp_path_factory):
 def test_t2i_train_step(benchmark, pipeline_dir, bench_device, provider):
     t2i_options, preset = PROVIDERS[provider]
     options = step_options(preset, bench_device)
-    torch.manual_seed(0)
-    pipe = load_t2i_pipeline(pipeline_dir, bench_device)  # fresh: the state takes the UNet over
-    state = build_t2i_state(pipe, SPEC, CONFIG, t2i_options, bench_device)
+
+    def make_state():
+        torch.manual_seed(0)
+        pipe = load_t2i_pipeline(pipeline_dir, bench_device)  # fresh: the state takes the UNet over
+        return pipe, build_t2i_state(pipe, SPEC, CONFIG, t2i_options, bench_device)
+
+    counted = _flops.counted_step_flops(lambda: make_state()[1], options, train_step)
+    gc.collect()
+    pipe, state = make_state()
     n = CONFIG.batch_size + CONFIG.forget_batch_size
     x = torch.randn(n, *state.image_shape, device=bench_device)
     emb = state.forget.remain[:1].expand(n, -1, -1)
@@ -125,8 +146,11 @@ def test_t2i_train_step(benchmark, pipeline_dir, bench_device, provider):
             torch.cuda.synchronize()
         return metrics
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    model = _flops.step_flops(fwd.get_total_flops(), options, cfg_teacher=cfg_calls(t2i_options.guidance_scale),
+                              cfg_fake=cfg_calls(t2i_options.guidance_scale),
+                              cfg_generator=cfg_calls(t2i_options.generator_guidance_scale),
+                              recompute=t2i_options.gradient_checkpointing)
+    _timing.peak_memory_reset(bench_device)
     warmup = 0
     if options is not None and options.cuda_graph != "off" and cuda:
         warmup = options.warmup_steps + 1  # capture happens outside the timed rounds
@@ -142,7 +166,11 @@ def test_t2i_train_step(benchmark, pipeline_dir, bench_device, provider):
                 step_options=None if options is None else options.to_dict(),
                 unet_params=count_parameters(pipe.unet), batch_images=n, cfg_scale=t2i_options.guidance_scale,
                 unet_forward_flops=fwd.get_total_flops(), pipeline=str(pipeline_dir),
-                saved_for_backward_bytes=saved_bytes, state_bytes=state_bytes(state))
+                saved_for_backward_bytes=saved_bytes, state_bytes=state_bytes(state),
+                step_flops_model=model["total"], step_flops_model_passes=model["passes"],
+                step_units_of_forward=model["units_of_forward"], step_flops_counted=counted,
+                flop_model_over_counted=model["total_with_recompute"] / counted if counted else None,
+                peak_flops=_flops.peak_flops(bench_device))
     if cuda:
         info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
     stats = getattr(benchmark, "stats", None)
@@ -152,5 +180,8 @@ def test_t2i_train_step(benchmark, pipeline_dir, bench_device, provider):
     _MEDIANS[provider] = median
     info["steps_per_s"] = 1.0 / median
     info["images_per_s"] = n / median
+    info["achieved_flops_per_s"] = model["total"] / median
+    info["mfu"] = model["total"] / median / info["peak_flops"] if info["peak_flops"] else None
+    info["hfu"] = counted / median / info["peak_flops"] if info["peak_flops"] and counted else None
     if "reference_fp32" in _MEDIANS:
         info["speedup_vs_reference"] = _MEDIANS["reference_fp32"] / median

@@ -4,25 +4,36 @@
         --benchmark-json=bench/results/train_step-<device>-<date>.json
 
 Same model, batch and seed for every provider. Reported per provider in ``extra_info``:
-images/s and steps/s (from the median), ratio to the reference measured in this run, counted
-FLOPs (torch.utils.flop_counter.FlopCounterMode: one UNet forward, and one whole reference step
-forward + backward), MFU against the device's dense bf16 peak (GPU only; on CPU no peak is
-meaningful and MFU is null), and peak memory (CUDA: max_memory_allocated per provider; CPU:
-process peak RSS so far, cumulative in provider order).
+images/s and steps/s (from the median), ratio to the reference measured in this run, FLOPs of
+one step from the explicit per-provider model of bench/_flops.py (``step_flops_model``, with its
+passes: a provider that reuses the G sample does 10 UNet forwards of work where the reference
+does 11) next to a FlopCounterMode count of one eager-equivalent step of the same provider
+(``step_flops_counted``), achieved model FLOP/s, MFU = model FLOPs / time / the device's dense
+bf16 peak and HFU = counted FLOPs / time / peak (GPU only, for every provider incl. the fp32
+ones; on CPU no peak is meaningful and both are null; attention run by xformers is invisible
+to FlopCounterMode, so HFU reads low when xformers is installed), and peak memory (CUDA:
+max_memory_allocated per provider; CPU: process peak RSS so far, cumulative in provider order).
+Timing: host perf_counter around a step followed by ``torch.cuda.synchronize()`` (a step is
+milliseconds or more; host work inside it is part of its cost).
 
 CPU: tiny UNet, batch 8 + 4, compile off (inductor on 2 cores takes minutes).
 GPU: a CIFAR-scale EDM-like UNet (32x32x3, ~49M parameters), batch 112 + 16 = 128.
+SFD_BENCH_QUICK=1 (bench/gpu_check.sh): fewer rounds, and on GPU the "fast" provider with
+compile off (inductor compiling this UNet takes minutes with a cold cache: more than the
+whole check's budget); ``extra_info.note`` says so.
 """
 
 from __future__ import annotations
 
 import copy
-import resource
+import gc
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import _flops
+import _timing
 from sfd_fast import EDMDenoiser, SFDConfig, SFDState, UNetConfig, build_unet, train_step
 from sfd_fast.core.step_options import StepOptions
 from sfd_fast.models.networks import count_parameters
@@ -31,9 +42,8 @@ from sfd_fast.models.networks import count_parameters
 CIFAR_50M = UNetConfig(resolution=32, channels=3, block_out_channels=(128, 256, 256, 256),
                        attention_levels=(False, True, True, False), layers_per_block=3,
                        norm_num_groups=32, attention_head_dim=64)
-# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, FLOP/s.
-DENSE_BF16_PEAK = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
-ROUNDS = {"cpu": (2, 5), "cuda": (5, 20)}  # (warmup rounds, timed rounds)
+# (warmup rounds, timed rounds)
+ROUNDS = {"cpu": (1, 2), "cuda": (2, 5)} if _timing.quick() else {"cpu": (2, 5), "cuda": (5, 20)}
 _MEDIANS: dict[str, float] = {}
 
 
@@ -46,20 +56,20 @@ def scale(device: torch.device):
 
 def providers(device: torch.device) -> dict[str, StepOptions | None]:
     fast = StepOptions.from_name("fast")
-    if device.type != "cuda":
-        fast = fast.replace(compile="off")  # inductor compile of the UNet takes minutes on 2 cores
+    if device.type != "cuda" or _timing.quick():
+        fast = fast.replace(compile="off")  # see note(); inductor compile of the UNet takes minutes
     return {"reference_fp32": None, "eager_bf16": StepOptions.from_name("bf16"),
             # fp32 fused path with one shared G sample: isolates the fusions from bf16/compile/graphs.
             "fused_fp32_shared": StepOptions(fused=True, share_noise=True), "fast": fast}
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
+def note(provider: str, device: torch.device) -> str | None:
+    if provider != "fast":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in DENSE_BF16_PEAK.items():  # "H100 PCIe" is checked before "H100"
-        if key in name:
-            return value
+    if device.type != "cuda":
+        return "compile off: inductor compiling the UNet takes minutes on a 2-core CPU"
+    if _timing.quick():
+        return "compile off: SFD_BENCH_QUICK=1 (gpu_check budget); run without it for the compiled fast path"
     return None
 
 
@@ -73,18 +83,20 @@ def setup(bench_device):
     with FlopCounterMode(display=False) as fwd:
         with torch.no_grad():
             teacher(x, torch.ones(n, device=bench_device), torch.zeros(n, dtype=torch.long, device=bench_device))
-    state = SFDState.create(sfd_cfg, copy.deepcopy(teacher), device=bench_device)
-    with FlopCounterMode(display=False) as step:
-        train_step(state)
     return {"teacher": teacher, "config": sfd_cfg, "unet": unet_cfg, "images": n,
-            "unet_forward_flops": fwd.get_total_flops(), "step_flops": step.get_total_flops(),
-            "params": count_parameters(teacher)}
+            "unet_forward_flops": fwd.get_total_flops(), "params": count_parameters(teacher)}
 
 
 @pytest.mark.parametrize("provider", ["reference_fp32", "eager_bf16", "fused_fp32_shared", "fast"])
 def test_train_step(benchmark, setup, bench_device, provider):
     options = providers(bench_device)[provider]
-    state = SFDState.create(setup["config"], copy.deepcopy(setup["teacher"]), device=bench_device)
+
+    def make_state():
+        return SFDState.create(setup["config"], copy.deepcopy(setup["teacher"]), device=bench_device)
+
+    model = _flops.step_flops(setup["unet_forward_flops"], options)
+    counted = _flops.counted_step_flops(make_state, options, train_step)
+    state = make_state()
     cuda = bench_device.type == "cuda"
 
     def step():
@@ -93,8 +105,8 @@ def test_train_step(benchmark, setup, bench_device, provider):
             torch.cuda.synchronize()  # time the work, not the launch
         return metrics
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
+    gc.collect()  # the counted step's state
+    _timing.peak_memory_reset(bench_device)
     warmup, rounds = ROUNDS[bench_device.type]
     if options is not None and options.cuda_graph != "off":
         warmup = max(warmup, options.warmup_steps + 1)  # capture happens outside the timed rounds
@@ -103,14 +115,15 @@ def test_train_step(benchmark, setup, bench_device, provider):
 
     info = benchmark.extra_info
     info.update(provider=provider, options=None if options is None else options.to_dict(),
-                unet_params=setup["params"], batch_images=setup["images"],
-                unet_forward_flops=setup["unet_forward_flops"], step_flops_reference=setup["step_flops"],
-                peak_flops=peak_flops(bench_device),
-                peak_flops_note="dense bf16 peak of the device" if cuda else "CPU: no meaningful peak, MFU not reported")
-    if cuda:
-        info["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-    else:
-        info["peak_rss_bytes_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                note=note(provider, bench_device), unet_params=setup["params"], batch_images=setup["images"],
+                unet_forward_flops=setup["unet_forward_flops"], step_flops_model=model["total"],
+                step_flops_model_passes=model["passes"], step_units_of_forward=model["units_of_forward"],
+                step_flops_counted=counted,
+                flop_model_over_counted=model["total_with_recompute"] / counted if counted else None,
+                peak_flops=_flops.peak_flops(bench_device),
+                peak_flops_note=("dense bf16 peak of the device" if cuda
+                                 else "CPU: no meaningful peak, MFU not reported"))
+    info.update(_timing.peak_memory(bench_device))
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # --benchmark-disable: the step ran once, nothing was timed
         return
@@ -118,8 +131,10 @@ def test_train_step(benchmark, setup, bench_device, provider):
     _MEDIANS[provider] = median
     info["steps_per_s"] = 1.0 / median
     info["images_per_s"] = setup["images"] / median
-    # MFU counts the reference step's FLOPs for every provider (same model work per step).
-    info["mfu"] = setup["step_flops"] / median / info["peak_flops"] if info["peak_flops"] else None
+    # MFU from this provider's own FLOP model: reusing the G sample is less work, not faster work.
+    info["achieved_flops_per_s"] = model["total"] / median
+    info["mfu"] = model["total"] / median / info["peak_flops"] if info["peak_flops"] else None
+    info["hfu"] = counted / median / info["peak_flops"] if info["peak_flops"] and counted else None
     if "reference_fp32" in _MEDIANS:
         info["speedup_vs_reference"] = _MEDIANS["reference_fp32"] / median
     if "eager_bf16" in _MEDIANS and provider == "fast":

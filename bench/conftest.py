@@ -1,36 +1,20 @@
-"""Shared pytest-benchmark setup: every saved result records device, versions, commit and date.
+"""Shared pytest-benchmark setup: every saved result records device, driver, clocks, versions, commit and date.
 
 Run a suite:  python -m pytest bench/bench_<thing>.py --benchmark-enable --benchmark-json=OUT.json
 pytest-benchmark already stores machine_info (CPU, Python) and commit_info (git id, dirty flag);
-the hook below adds the accelerator and library versions that our numbers depend on.
+the hook below adds what our numbers depend on (bench/_environment.py): GPU name, compute
+capability, NVIDIA driver version, SM and memory clocks, CUDA runtime, torch / Triton /
+diffusers / onnxruntime / TensorRT versions, torch's thread count, commit and date.
+
+``SFD_BENCH_QUICK=1`` asks every suite for its reduced sizes and round counts (what
+bench/gpu_check.sh runs; ``_timing.quick()``); each suite's docstring says what it reduces.
 """
 
 from __future__ import annotations
 
-import datetime
-import platform
-
 import pytest
 
-
-def environment() -> dict:
-    import torch
-
-    info = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
-        "cpu_threads": torch.get_num_threads(),
-    }
-    if torch.cuda.is_available():
-        info["driver"] = ".".join(map(str, torch.cuda.get_device_capability())) + " (compute capability)"
-    for name in ("triton", "diffusers", "onnxruntime", "tensorrt"):
-        try:
-            info[name] = __import__(name).__version__
-        except Exception:  # not installed, or a stub without libraries
-            info[name] = None
-    return info
+from _environment import environment
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
