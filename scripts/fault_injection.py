@@ -4,7 +4,8 @@ checkpoints, a NaN teacher and an infinite learning rate; counts what survived.
     python scripts/fault_injection.py --trials 10 --out docs/faults/fault_injection.json
 
 Every trial starts the same run as an uninterrupted reference (tiny teacher, checkpoint every
-step, so about half of the run's time is spent saving), SIGKILLs it after a random delay, on
+step, so a good part of the run's time is spent saving), SIGKILLs it at a random point (after a
+random step k was reported, plus a random fraction of one step's time), on
 every third trial also flips a byte of the newest checkpoint, then `--resume`s to the end and
 compares the generator with the reference bit for bit. Lost steps = the last step the killed run
 reported minus the step it resumed from. Seeded: the same --seed gives the same kill times.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import subprocess
@@ -66,15 +68,25 @@ def trial(i: int, rng: random.Random, teacher: Path, work: Path, steps: int, bud
           reference: dict[str, torch.Tensor]) -> dict:
     out = work / f"trial-{i}"
     proc = subprocess.Popen(distill_cmd(teacher, out, steps), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    delay = rng.uniform(0.2, budget)
+                            text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # Kill at a random point of the run, not of the wall clock (load makes the run's speed vary):
+    # wait until step k is reported, then up to one step's time more (the save of step k+1 included).
+    k, delay = rng.randrange(0, steps - 1), rng.uniform(0.0, budget / steps)
+    reported, printed = [0], []
+    for line in proc.stdout:
+        printed.append(line)
+        found = re.match(r"step (\d+):", line)
+        if found:
+            reported.append(int(found.group(1)))
+            if reported[-1] >= k:
+                break
     time.sleep(delay)
     killed = proc.poll() is None
     proc.kill()
-    printed = proc.communicate()[0]
-    reported = [int(m) for m in re.findall(r"^step (\d+):", printed, flags=re.M)]
-    row = {"trial": i, "kill_after_s": round(delay, 2), "killed_mid_run": killed,
-           "last_reported_step": max(reported, default=0)}
+    rest = proc.communicate()[0]
+    reported += [int(m) for m in re.findall(r"^step (\d+):", rest, flags=re.M)]
+    row = {"trial": i, "kill_after_step": k, "extra_delay_s": round(delay, 2), "killed_mid_run": killed,
+           "last_reported_step": max(reported)}
     ckpts = sorted((out / "checkpoints").glob("step-*"))
     row["stale_temporaries"] = len(list((out / "checkpoints").glob(".step-*.tmp-*")))
     if i % 3 == 2 and ckpts:
