@@ -8,7 +8,7 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 n=${1:-5}
 work=$(mktemp -d /tmp/sfd-fresh-XXXXXX)
-if [ "${2:-}" = "--clean-home" ]; then export HOME="$work/home"; mkdir -p "$HOME"; fi
+if [ "${2:-}" = "--clean-home" ]; then export HOME="$work/home"; mkdir -p "$HOME"; fi  # else: $HOME as given
 commit=$(git -C "$root" rev-parse --short HEAD)
 echo "commit $commit, $n fresh runs under $work (HOME=$HOME)"
 for i in $(seq 1 "$n"); do
@@ -19,7 +19,7 @@ for i in $(seq 1 "$n"); do
   (cd "$clone" && CI=true bash .ci/run) > "$work/run-$i.log" 2>&1
   rc=$?
   set -e
-  summary=$(grep -E '^=+ .*(passed|failed).* =+$' "$work/run-$i.log" | tail -1)
+  summary=$(grep -E '[0-9]+ (passed|failed).* in [0-9.]+s' "$work/run-$i.log" | tail -1 || true)
   echo "run $i: exit $rc, $(( $(date +%s) - start )) s, $summary"
   if [ "$rc" -ne 0 ]; then echo "log: $work/run-$i.log"; exit "$rc"; fi
   rm -rf "$clone"
