@@ -23,6 +23,7 @@
 //   scalar head/tail per row; otherwise a scalar path.
 
 #include "fused_losses.h"
+#include "loss_buffers.h"
 #include "loss_math.h"
 
 #include <ATen/Dispatch.h>
@@ -38,6 +39,10 @@
 
 namespace sfd_fast {
 namespace {
+
+using buffers::grad_or_empty;
+using buffers::ptr_or_null;
+using buffers::row_size;
 
 using math::EdmBwd;
 using math::EdmFwd;
@@ -290,18 +295,6 @@ bool same_alignment(std::initializer_list<const at::Tensor*> ts) {
   return true;
 }
 
-int64_t row_size(const at::Tensor& t) { return t.numel() / t.size(0); }
-
-// The gradient of `like` with its strides (empty_like preserves a dense layout), or an empty
-// (0,) tensor when it is not needed.
-at::Tensor grad_or_empty(const at::Tensor& like, bool need) {
-  return need ? at::empty_like(like) : at::empty({0}, like.options());
-}
-
-template <typename T>
-T* ptr_or_null(at::Tensor& t) {
-  return t.numel() > 0 ? t.data_ptr<T>() : nullptr;
-}
 
 }  // namespace
 

@@ -21,12 +21,17 @@
 #include <array>
 
 #include "../loss_checks.h"
+#include "../loss_buffers.h"
 #include "../loss_math.h"
 #include "../loss_schemas.h"
 
 namespace sfd_fast {
 namespace host_ref {
 namespace {
+
+using buffers::grad_or_empty;
+using buffers::ptr_or_null;
+using buffers::row_size;
 
 using math::EdmBwd;
 using math::EdmFwd;
@@ -90,16 +95,6 @@ void backward_rows(const std::array<const T*, Op::kIn>& in, const std::array<T*,
   });
 }
 
-int64_t row_size(const at::Tensor& t) { return t.numel() / t.size(0); }
-
-at::Tensor grad_or_empty(const at::Tensor& like, bool need) {
-  return need ? at::empty_like(like) : at::empty({0}, like.options());
-}
-
-template <typename T>
-T* ptr_or_null(at::Tensor& t) {
-  return t.numel() > 0 ? t.data_ptr<T>() : nullptr;
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sid_loss_fwd(
     const at::Tensor& x_g, const at::Tensor& y_real, const at::Tensor& y_fake,
