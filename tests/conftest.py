@@ -20,3 +20,16 @@ def tiny_teacher() -> EDMDenoiser:
     torch.manual_seed(0)
     return EDMDenoiser(build_unet(UNetConfig.from_name("tiny"))).eval()
 
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_generator(tmp_path_factory):
+    """(generator, path of its TorchScript-exported .onnx): the serving tests' model, exported once."""
+    from sfd_fast.models.networks import OneStepGenerator
+    from sfd_fast.serve import to_onnx
+
+    torch.manual_seed(0)
+    g = OneStepGenerator(EDMDenoiser(build_unet(UNetConfig.from_name("tiny")))).eval()
+    path = tmp_path_factory.mktemp("onnx") / "g.onnx"
+    to_onnx(g, path, exporter="torchscript")
+    return g, path

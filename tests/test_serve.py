@@ -11,19 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from sfd_fast import EDMDenoiser, UNetConfig, build_unet
-from sfd_fast.models.networks import OneStepGenerator
-from sfd_fast.serve import OnnxRuntimeRunner, to_onnx
+from sfd_fast.serve import OnnxRuntimeRunner
 from sfd_fast.serve.server import GenerationServer
 
 
-@pytest.fixture(scope="module")
-def onnx_model(tmp_path_factory):
-    torch.manual_seed(0)
-    g = OneStepGenerator(EDMDenoiser(build_unet(UNetConfig.from_name("tiny")))).eval()
-    path = tmp_path_factory.mktemp("onnx") / "g.onnx"
-    to_onnx(g, path, exporter="torchscript")
-    return g, path
+@pytest.fixture
+def onnx_model(tiny_onnx_generator):
+    return tiny_onnx_generator
 
 
 @pytest.fixture

@@ -20,25 +20,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("onnxruntime", reason="serving needs the 'onnx' extra")
 
-from sfd_fast import EDMDenoiser, UNetConfig, build_unet  # noqa: E402
-from sfd_fast.models.networks import OneStepGenerator  # noqa: E402
-from sfd_fast.serve import OnnxRuntimeRunner, to_onnx  # noqa: E402
+from sfd_fast.serve import OnnxRuntimeRunner  # noqa: E402
 from sfd_fast.serve.server import GenerationServer  # noqa: E402
 
 CLIENT_TIMEOUT_S = 20  # no test waits longer than this on one socket
 
 
-@pytest.fixture(scope="module")
-def onnx_path(tmp_path_factory):
-    torch.manual_seed(0)
-    g = OneStepGenerator(EDMDenoiser(build_unet(UNetConfig.from_name("tiny")))).eval()
-    path = tmp_path_factory.mktemp("onnx") / "g.onnx"
-    to_onnx(g, path, exporter="torchscript")
-    return path
+@pytest.fixture(scope="session")
+def onnx_path(tiny_onnx_generator):
+    return tiny_onnx_generator[1]
 
 
 @pytest.fixture(scope="module")

@@ -182,12 +182,12 @@ def nonfinite_modules(state, names=("generator", "fake", "generator_ema")) -> li
     The guard checks losses and gradients; an update of finite gradients can still overflow a
     weight (a huge lr), so weights are checked too before anything is saved or trusted.
     """
-    bad = []
-    for name in names:
+    finite = []
+    for name in names:  # one foreach max-norm per network, all read back in one transfer
         params = [p.detach() for p in getattr(state, name).parameters() if p.is_floating_point()]
-        if params and not bool(torch.isfinite(torch.stack(torch._foreach_norm(params, float("inf")))).all()):
-            bad.append(name)
-    return bad
+        norms = torch._foreach_norm(params, float("inf")) if params else [torch.zeros((), device=state.device)]
+        finite.append(torch.isfinite(torch.stack([n.to(state.device) for n in norms])).all())
+    return [name for name, ok in zip(names, torch.stack(finite).tolist()) if not ok]
 
 
 def check_health(state, max_consecutive: int | None = None) -> None:
