@@ -361,6 +361,8 @@ def test_t2i_cli_help_documents_every_option(capsys):
 
 
 @pytest.mark.parametrize("flag,value,message", [("--log-every", "0", "--log-every must be >= 1"),
+                                                ("--keep-last", "0", "--keep-last must be >= 1"),
+                                                ("--checkpoint-dir", "/dev/null/ckpt", "a file is in the way"),
                                                 ("--robust-inner-steps", "0", "inner_steps >= 1")])
 def test_cli_bad_numbers_are_clear_errors_before_any_model_loads(tmp_path, capsys, flag, value, message):
     from sfd_fast.cli.main import main

@@ -106,7 +106,7 @@ def _distill(args) -> int:
     from ..core.config import SFDConfig, parse_overrides
     from ..core.faults import NonFiniteError
     from ..core.step import train_step
-    from ..io.atomic import write_json
+    from ..io.atomic import check_writable_dir, write_json
     from ..models.model_card import RunRecord
     from ..models.sd_pipeline import load_t2i_pipeline
     from ..train import distributed
@@ -125,6 +125,11 @@ def _distill(args) -> int:
     spec = _concepts(args)
     if args.log_every < 1:
         raise ValueError(f"--log-every must be >= 1, got {args.log_every}")
+    if args.keep_last < 1:
+        raise ValueError(f"--keep-last must be >= 1, got {args.keep_last}")
+    check_writable_dir(args.out)  # refuse now, not after training
+    if args.checkpoint_dir is not None:
+        check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
     robust = RobustConfig(inner_steps=args.robust_inner_steps) if args.robust else None  # validated early
 
     def step_fn(state):
