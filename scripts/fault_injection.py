@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seeds the kill times (default: 0)")
     p.add_argument("--out", type=Path, default=None, help="write the results here as JSON (default: print only)")
     args = p.parse_args(argv)
+    if args.trials < 1 or args.steps < 2:  # a kill point needs a step before the last one
+        p.error(f"--trials must be >= 1 and --steps >= 2, got --trials {args.trials} --steps {args.steps}")
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory(prefix="sfd-faults-") as tmp:
         work = Path(tmp)
