@@ -45,9 +45,11 @@ def add_sfd_config_args(p: argparse.ArgumentParser) -> None:
 
 def sfd_config(args) -> SFDConfig:
     """--preset, then --config, then each --set, then the forget/override classes and seed."""
+    from ..io.atomic import read_json_object
+
     config = SFDConfig.from_name(args.preset).to_dict()
     if args.config is not None:
-        config.update(json.loads(args.config.read_text()))
+        config.update(read_json_object(args.config, "--config"))
     config.update(parse_overrides(args.set))
     config.update(forget_classes=args.forget, override_classes=args.override, seed=args.seed)
     return SFDConfig.from_dict(config)
@@ -64,6 +66,33 @@ def add_resilience_args(p: argparse.ArgumentParser,
     g.add_argument("--keep-last", type=int, default=3, metavar="N", help="checkpoints kept (default: 3)")
     g.add_argument("--resume", action="store_true",
                    help="continue from the newest checkpoint in --checkpoint-dir (bit-exact on the same setup)")
+
+
+def add_overwrite_arg(p: argparse.ArgumentParser, folder: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace {folder} even if it is a non-empty folder that sfd_fast did not write (default: "
+                        "refuse; a folder sfd_fast wrote, or an empty one, is replaced without it)")
+
+
+def check_device(text: str) -> str:
+    """``text`` if it names a torch device this process can use; ValueError naming it and what is allowed."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {text!r} is not a torch device; allowed: cpu, cuda, cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch build has no CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible (CUDA_VISIBLE_DEVICES, driver)")
+            raise ValueError(f"--device {text!r}: {why}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {text!r}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {text!r}: sfd_fast runs on cpu or cuda, got {device.type!r}")
+    return text
 
 
 def under_torchrun() -> bool:

@@ -16,12 +16,12 @@ from ..core.config import SFDConfig
 from ..core.forget import ForgetSpec
 from ..eval.classifier import CLASSIFIER_FILE, DigitClassifier
 from ..eval.evaluate import class_grid, evaluate_sampler, teacher_sampler
-from ..io.atomic import check_writable_dir, write_json
+from ..io.atomic import check_replaceable, check_writable_dir, write_json
 from ..io.data import ASSETS
 from ..models.model_card import RunRecord
 from ..models.networks import load_denoiser, save_generator
 from ..train.distill import distill
-from .args import add_common, add_forget_args
+from .args import add_common, add_forget_args, add_overwrite_arg
 
 TEACHER_DIR = ASSETS / "teacher"
 
@@ -32,13 +32,14 @@ TARGETS = {"forget_accuracy_max": 0.05, "override_rate_min": 0.80, "remain_gap_m
 def run_demo(out: str | Path, *, steps: int | None = None, seed: int = 0, forget: tuple[int, ...] = (0,),
              override: tuple[int, ...] | None = (1,), per_class: int = 100, teacher_steps: int = 18,
              teacher_dir: str | Path = TEACHER_DIR, classifier_path: str | Path = CLASSIFIER_FILE,
-             device: str = "cpu", progress: bool = True) -> dict:
+             device: str = "cpu", progress: bool = True, overwrite: bool = False) -> dict:
     start = time.perf_counter()
     steps = DEMO_STEPS if steps is None else steps
     for name, value in (("steps", steps), ("per_class", per_class), ("teacher_steps", teacher_steps)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     out = check_writable_dir(out)  # refuse before training, not after it
+    check_replaceable(out / "generator", "--out", overwrite)
     torch.manual_seed(seed)
     teacher = load_denoiser(teacher_dir, device)
     classifier = DigitClassifier.load(classifier_path, device)
@@ -69,7 +70,7 @@ def run_demo(out: str | Path, *, steps: int | None = None, seed: int = 0, forget
     record = RunRecord(teacher=str(teacher_dir), forget=tuple(map(str, spec.forget)),
                        override=() if spec.override is None else tuple(map(str, spec.override)),
                        config=config.to_dict(), metrics={k: v for k, v in metrics.items() if k != "config"})
-    save_generator(generator, out / "generator", record=record)  # the model card records the run
+    save_generator(generator, out / "generator", record=record, overwrite=overwrite)  # the model card records the run
     write_json(metrics, out / "metrics.json")
     return metrics
 
@@ -95,6 +96,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--teacher-steps", type=int, default=18,
                    help="Heun steps of the teacher sampler; NFE = 2*steps-1 (default: 18)")
     add_forget_args(p)
+    add_overwrite_arg(p, "--out's generator/")
     add_common(p)
     p.set_defaults(handler=run)
 
@@ -102,7 +104,7 @@ def add_parsers(sub) -> None:
 def run(args) -> int:
     m = run_demo(args.out, steps=args.steps, seed=args.seed, forget=args.forget, override=args.override,
                  per_class=args.per_class, teacher_steps=args.teacher_steps, device=args.device,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, overwrite=args.overwrite)
     print(f"one-step generator: forget_accuracy={m['forget_accuracy']:.3f} override_rate={m['override_rate']:.3f} "
           f"remain_accuracy={m['remain_accuracy']:.3f} (NFE 1)")
     print(f"teacher sampler:    remain_accuracy={m['teacher_remain_accuracy']:.3f} "

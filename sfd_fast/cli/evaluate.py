@@ -42,7 +42,8 @@ def _refuse_text_to_image(path: Path, flag: str) -> None:
 def run(args) -> int:
     from ..core.forget import ForgetSpec
     from ..eval.classifier import CLASSIFIER_FILE, DigitClassifier
-    from ..eval.evaluate import check_classifier_fits, class_grid, evaluate_sampler, teacher_sampler
+    from ..eval.evaluate import (check_classifier_fits, check_weights_finite, class_grid, evaluate_sampler,
+                                 teacher_sampler)
     from ..io.atomic import write_json
     from ..models.networks import load_denoiser, load_generator
 
@@ -66,6 +67,7 @@ def run(args) -> int:
         teacher = load_denoiser(args.teacher, args.device)
         sampler, nfe = teacher_sampler(teacher, args.teacher_steps)
         num_classes, shape = teacher.num_classes, teacher.image_shape
+    check_weights_finite(sampler if args.generator is not None else teacher, f"{flag} {str(path)!r}")
     name = "the embedded classifier" if args.classifier is None else f"the classifier {str(classifier_file)!r}"
     check_classifier_fits(classifier, shape, num_classes, name, "the generator" if args.generator else "the teacher")
     spec = ForgetSpec(num_classes, args.forget, args.override)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..core.dispatch import BackendUnavailable
 from . import compare, demo, evaluate, serve, text_to_image, train
+from .args import check_device
 
 # Order of the subcommands in --help: the story first, then the tools around it.
 GROUPS = (demo, train, text_to_image, evaluate, compare, serve)
@@ -46,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         return text_to_image.run_distill(argv[1:])
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None) is not None:
+            check_device(args.device)
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, BackendUnavailable) as exc:
         print(f"sfd-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -84,6 +84,8 @@ def run_serve(args) -> int:
     from ..serve import TensorRTUnavailable, load_runner
     from ..serve.server import GenerationServer
 
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535 (0 = any free port), got {args.port}")
     try:
         runner = load_runner(args.model)
     except TensorRTUnavailable as exc:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
-from ..io.atomic import check_writable_dir
+from ..io.atomic import check_replaceable, check_writable_dir
 from ..models.unet import UNET_PRESETS, UNetConfig
-from .args import (EXIT_INTERRUPTED, add_common, add_forget_args, add_resilience_args, add_sfd_config_args,
-                   add_step_args, check_step_args, is_text_to_image_folder, sfd_config, under_torchrun)
+from .args import (EXIT_INTERRUPTED, add_common, add_forget_args, add_overwrite_arg, add_resilience_args,
+                   add_sfd_config_args, add_step_args, check_step_args, is_text_to_image_folder, sfd_config,
+                   under_torchrun)
 
 
 def add_parsers(sub) -> None:
@@ -20,6 +22,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--steps", type=int, default=4000, help="optimizer steps (default: 4000)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    add_overwrite_arg(p, "--out")
     add_common(p)
     p.set_defaults(handler=run_pretrain_teacher)
 
@@ -53,6 +56,7 @@ def add_parsers(sub) -> None:
     add_step_args(p, log_every=25)
     add_resilience_args(p)
     add_forget_args(p)
+    add_overwrite_arg(p, "--out's generator/")
     add_common(p)
     p.set_defaults(handler=run_distill)
 
@@ -64,12 +68,18 @@ def run_pretrain_teacher(args) -> int:
     from ..models.networks import save_denoiser
     from ..train.pretrain import pretrain_teacher
 
+    for name in ("steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    check_replaceable(args.out, "--out", args.overwrite)  # before training, not after it
     unet_config = UNetConfig.from_name(args.preset)
     images, labels = load_embedded_mnist("train", unet_config.resolution)
     torch.manual_seed(args.seed)
     teacher = pretrain_teacher(images, labels, unet_config, steps=args.steps, batch_size=args.batch_size,
                                lr=args.lr, seed=args.seed, progress=not args.no_progress)
-    save_denoiser(teacher, args.out)
+    save_denoiser(teacher, args.out, overwrite=args.overwrite)
     print(f"saved teacher to {args.out}")
     return 0
 
@@ -98,6 +108,7 @@ def run_distill(args) -> int:
 
     from tqdm.auto import tqdm
 
+    from ..core import dispatch
     from ..core.faults import NonFiniteError
     from ..core.state import SFDState
     from ..core.step import train_step
@@ -116,12 +127,14 @@ def run_distill(args) -> int:
         raise ValueError(f"--keep-last must be >= 1, got {args.keep_last}")
     check_step_args(args)
     check_writable_dir(args.out)  # refuse now, not after training
+    check_replaceable(args.out / "generator", "--out", args.overwrite)
     if args.checkpoint_dir is not None:
         check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
     config = sfd_config(args)
     # The reference preset runs train_step exactly as before (options=None); $SFD_FAST_BACKEND still applies.
     options = None if args.step_options == "reference" else args.step_options
     backend = args.backend or os.environ.get("SFD_FAST_BACKEND") or None
+    dispatch.resolve_backend(backend, args.device)  # an unusable --backend stops the run here
     resilient = bool(args.resume or args.checkpoint_every or args.checkpoint_dir is not None or under_torchrun())
     device = args.device
     if under_torchrun():  # one rank per process
@@ -164,7 +177,8 @@ def run_distill(args) -> int:
             record = RunRecord(teacher=str(args.teacher), forget=tuple(map(str, spec.forget)),
                                override=() if spec.override is None else tuple(map(str, spec.override)),
                                config=config.to_dict(), metrics=result.log[-1] if result.log else None)
-            save_generator(state.generator_ema, args.out / "generator", record=record)  # with its model card
+            save_generator(state.generator_ema, args.out / "generator", record=record,  # with its model card
+                           overwrite=args.overwrite)
             write_json(config.to_dict(), args.out / "config.json")
             write_json({"log": result.log, "step_options": args.step_options}, args.out / "train_log.json")
             say(f"saved generator to {args.out / 'generator'}" + (f"; checkpoint {result.checkpoint}" if root else ""))

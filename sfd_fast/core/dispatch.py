@@ -8,7 +8,7 @@ caller passes None):
 - "cuda": the C++/CUDA extension through ``sfd_fast.core.cuda_ext`` (``available() -> (ok, why)``).
 - "auto": on a CUDA device the CUDA extension if it loads, else Triton, else the reference; on
   other devices the reference. Each fallback is logged once with its reason, never silent.
-An explicitly requested backend that cannot run raises a RuntimeError that says why.
+An explicitly requested backend that cannot run raises ``BackendUnavailable`` (a RuntimeError) saying why.
 """
 
 from __future__ import annotations
@@ -78,6 +78,10 @@ def _cuda(device: torch.device) -> tuple[LossFunctions | None, str]:
     return LossFunctions("cuda", ext.sid_generator_loss, ext.edm_denoising_loss), ""
 
 
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested loss backend cannot run here (the message says why)."""
+
+
 def resolve_backend(backend: str | None = None, device=None) -> LossFunctions:
     """Loss functions for ``backend`` on ``device`` (torch.device, str or None = CPU)."""
     backend = backend or os.environ.get("SFD_FAST_BACKEND", "auto")
@@ -89,7 +93,7 @@ def resolve_backend(backend: str | None = None, device=None) -> LossFunctions:
     if backend in ("triton", "cuda"):
         fns, why = (_triton if backend == "triton" else _cuda)(device)
         if fns is None:
-            raise RuntimeError(f"backend {backend!r} was requested but cannot run: {why}")
+            raise BackendUnavailable(f"backend {backend!r} was requested but cannot run: {why}")
         return fns
     # auto
     if device.type != "cuda":

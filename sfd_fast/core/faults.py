@@ -200,7 +200,7 @@ def check_health(state, max_consecutive: int | None = None) -> None:
     if bad:
         raise NonFiniteError(f"the {', '.join(bad)} weights became non-finite by step {state.step} (a NaN/inf "
                              "teacher, or an update that overflowed: check the teacher, lower the learning rate); "
-                             "nothing non-finite is saved; resume from the last checkpoint")
+                             "nothing non-finite is saved")
     limit = max_consecutive if max_consecutive is not None else getattr(
         state.config, "max_consecutive_nonfinite", None)
     if not limit:

@@ -41,6 +41,16 @@ def check_classifier_fits(classifier, image_shape, num_classes: int, classifier_
                          f"{num_classes}; {hint}")
 
 
+def check_weights_finite(model: nn.Module, model_name: str) -> None:
+    """ValueError (one line) if a weight of ``model`` is NaN/inf: its samples would be NaN and the
+    classifier would still report accuracies for them (the argmax of NaN logits is class 0)."""
+    tensors = [(name, t) for name, t in (*model.named_parameters(), *model.named_buffers()) if t.is_floating_point()]
+    bad = [name for name, t in tensors if not torch.isfinite(t).all()]
+    if bad:
+        raise ValueError(f"the weights of {model_name} are non-finite ({len(bad)} of {len(tensors)} tensors hold NaN/inf, "
+                         f"first {bad[0]!r}); its samples would be NaN, so nothing was evaluated")
+
+
 def teacher_sampler(teacher: nn.Module, num_steps: int):
     """The teacher as a ``(z, labels) -> images`` sampler, and its NFE per image."""
     return functools.partial(edm_heun_sample, teacher, num_steps=num_steps), heun_nfe(num_steps)

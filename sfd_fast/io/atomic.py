@@ -46,6 +46,30 @@ def check_writable_dir(path: str | os.PathLike, what: str = "--out") -> Path:
     return path
 
 
+# Every model folder this library writes carries this sidecar; a folder without it is the user's.
+OWN_FOLDER_MARKER = "sfd_fast.json"
+
+
+def check_replaceable(path: str | os.PathLike, what: str = "--out", overwrite: bool = False) -> Path:
+    """Raise ValueError unless a model folder may be written at ``path`` without deleting the user's files.
+
+    Allowed: nothing there, an empty folder, or a folder this library wrote (it holds
+    ``sfd_fast.json``); with ``overwrite``, any folder. Never a file. Checked before training
+    (the CLI) and again right before the old folder is replaced (``_replace_dir``).
+    """
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return check_writable_dir(path, what)
+    if not path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a file; give a folder path (the file is left as it is)")
+    if overwrite or (path / OWN_FOLDER_MARKER).is_file() or not any(path.iterdir()):
+        return check_writable_dir(path, what)
+    flag = "--overwrite" if what.startswith("--") else "overwrite=True"
+    raise ValueError(f"{what} {str(path)!r} is a non-empty folder that sfd_fast did not write (no "
+                     f"{OWN_FOLDER_MARKER}); refusing to replace it - choose another path, or pass {flag} "
+                     "to replace it and everything in it")
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
     """safetensors file with an optional JSON-serialisable metadata dict, written atomically."""
     from safetensors.torch import save
@@ -69,6 +93,30 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     except Exception as exc:
         raise CheckpointError(f"checkpoint file {str(path)!r} is corrupt or truncated: {exc}") from exc
     return tensors, json.loads(meta["json"]) if "json" in meta else {}
+
+
+def read_json_object(path: str | os.PathLike, what: str) -> dict:
+    """The JSON object (dict) in ``path``; CheckpointError naming ``what`` and the file otherwise.
+
+    ``what`` says whose file it is ("--config", "the teacher's sidecar"): a folder, an unreadable
+    file, bad JSON or a JSON list all become one line that names the file, never a traceback.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise CheckpointError(f"{what} {str(path)!r} does not exist") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{what} {str(path)!r} is a folder; expected a JSON file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{what} {str(path)!r} cannot be read: {exc}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise CheckpointError(f"{what} {str(path)!r} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {str(path)!r} must hold a JSON object {{...}}, got a {type(data).__name__}")
+    return data
 
 
 def write_json(data: dict, path: str | Path) -> Path:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io.atomic import CheckpointError
+from ..io.atomic import CheckpointError, check_replaceable, read_json_object
 from .ddpm_schedule import log_sigma_table, timestep_of_sigma
 from .unet import _require_class_conditioning, unet_image_shape
 
@@ -195,8 +195,12 @@ class OneStepGenerator(nn.Module):
 
 # --------------------------------------------------------------------------- persistence
 
-def _replace_dir(tmp: Path, path: Path) -> None:
-    """Move a finished temp directory onto ``path`` so readers never see a half-written one."""
+def _replace_dir(tmp: Path, path: Path, overwrite: bool = False) -> None:
+    """Move a finished temp directory onto ``path`` so readers never see a half-written one.
+
+    Replaces only what this library wrote (``check_replaceable``): a user's folder is never deleted.
+    """
+    check_replaceable(path, "the model folder", overwrite=overwrite)
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -206,8 +210,12 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_denoiser(denoiser: nn.Module, path: str | os.PathLike, extra_meta: dict | None = None) -> Path:
-    """Save weights (safetensors) + configs (JSON) to a directory, atomically."""
+def save_denoiser(denoiser: nn.Module, path: str | os.PathLike, extra_meta: dict | None = None,
+                  overwrite: bool = False) -> Path:
+    """Save weights (safetensors) + configs (JSON) to a directory, atomically.
+
+    An existing ``path`` is replaced only if this library wrote it (or it is empty), unless ``overwrite``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -224,7 +232,7 @@ def save_denoiser(denoiser: nn.Module, path: str | os.PathLike, extra_meta: dict
         else:
             raise TypeError(f"save_denoiser expects an EDMDenoiser or DDPMDenoiser, got {type(denoiser).__name__}")
         (tmp / DENOISER_META).write_text(json.dumps({**meta, **(extra_meta or {})}, indent=2))
-        _replace_dir(tmp, path)
+        _replace_dir(tmp, path, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -247,7 +255,8 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
     if not path.is_dir():
         raise CheckpointError(f"model directory {str(path)!r} does not exist")
     meta_file = path / DENOISER_META
-    kind = json.loads(meta_file.read_text())["kind"] if meta_file.exists() else None
+    meta = read_json_object(meta_file, "the model's sidecar") if meta_file.exists() else {}
+    kind = meta.get("kind")
     if kind is None and (path / "unet").is_dir() and (path / "scheduler").is_dir():
         kind = "ddpm"
     if kind not in ("edm", "ddpm"):
@@ -256,7 +265,6 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
             "sfd_fast.save_denoiser) or diffusers 'unet/' + 'scheduler/' subfolders")
     try:
         if kind == "edm":
-            meta = json.loads(meta_file.read_text())
             unet = UNet2DModel.from_pretrained(path, use_safetensors=True, **quiet)
             _require_class_conditioning(unet, where=f"the UNet in {str(path)!r}")
             model = EDMDenoiser(unet, sigma_data=meta.get("sigma_data", 0.5))
@@ -276,7 +284,7 @@ GENERATOR_ROLE = "one_step_generator"   # the sidecar's "role" of a class-label 
 PIPELINE_LAYOUT = "one_step_pipeline"   # the sidecar's "layout" of folders with model_index.json
 
 
-def save_generator(generator: OneStepGenerator, path: str | os.PathLike, record=None) -> Path:
+def save_generator(generator: OneStepGenerator, path: str | os.PathLike, record=None, overwrite: bool = False) -> Path:
     """Write a class-label generator as a diffusers ``OneStepPipeline`` folder, atomically.
 
     Layout: ``model_index.json``, ``unet/`` (config + safetensors), ``scheduler/`` (the one-step
@@ -298,7 +306,7 @@ def save_generator(generator: OneStepGenerator, path: str | os.PathLike, record=
             meta["sigma_data"] = denoiser.sigma_data
         (tmp / DENOISER_META).write_text(json.dumps(meta, indent=2))
         _class_generator_card(generator, pipeline, record or RunRecord()).write(tmp)
-        _replace_dir(tmp, path)
+        _replace_dir(tmp, path, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -313,10 +321,7 @@ def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") 
     """
     path = Path(path)
     meta_file = path / DENOISER_META
-    try:
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    except ValueError as exc:
-        raise CheckpointError(f"{str(meta_file)!r} is not valid JSON: {exc}") from exc
+    meta = read_json_object(meta_file, "the generator's sidecar") if meta_file.exists() else {}
     if (path / "model_index.json").is_file():
         return _load_pipeline_generator(path, meta, device)
     if meta.get("role") != GENERATOR_ROLE:

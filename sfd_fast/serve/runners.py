@@ -7,12 +7,13 @@ text-to-image runner also has ``encode_prompts(prompts) -> cond`` (B, L, D) and 
 
 from __future__ import annotations
 
-import json
 import os
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
+
+from ..io.atomic import CheckpointError, read_json_object
 
 
 class TorchRunner:
@@ -59,10 +60,7 @@ def read_sidecar(onnx_path: Path) -> dict:
     meta_file = Path(f"{onnx_path}.json")
     if not meta_file.is_file():
         raise FileNotFoundError(f"sidecar {str(meta_file)!r} is missing; re-export with sfd_fast.serve.to_onnx")
-    try:
-        return json.loads(meta_file.read_text())
-    except ValueError as exc:
-        raise ValueError(f"sidecar {str(meta_file)!r} is not valid JSON ({exc}); re-export the model") from None
+    return read_json_object(meta_file, "the ONNX sidecar")
 
 
 def _session(onnx_path: Path, providers: list[str] | None, threads: int | None):
@@ -74,7 +72,12 @@ def _session(onnx_path: Path, providers: list[str] | None, threads: int | None):
         options.intra_op_num_threads = threads
     available = ort.get_available_providers()
     providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    return ort.InferenceSession(str(onnx_path), options, providers=providers)
+    try:
+        return ort.InferenceSession(str(onnx_path), options, providers=providers)
+    except Exception as exc:  # onnxruntime's InvalidProtobuf / Fail / InvalidGraph share no public base
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{str(onnx_path)!r} is not a loadable ONNX model ({first}); re-export it with "
+                              "`sfd-fast export`") from None
 
 
 class TextToImageRunner:

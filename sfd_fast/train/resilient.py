@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..core.faults import check_health
+from ..core.faults import NonFiniteError, check_health
 from ..core.state import SFDState
 from ..io.atomic import CheckpointError
 from ..core.step import train_step
@@ -103,6 +103,16 @@ def run_resilient(state: SFDState, steps: int, *, checkpoint_root: str | Path | 
     def save():
         result.checkpoint = save_checkpoint(state, checkpoint_root, keep_last) or result.checkpoint
 
+    def check_health_or_name_last_good():
+        try:
+            check_health(state)
+        except NonFiniteError as exc:  # say what the user can resume from
+            last = result.checkpoint or result.resumed_from
+            where = (f"the last good checkpoint is {last} (--resume continues from it)" if last else
+                     "no checkpoint was written" + ("" if checkpoint_root is not None else
+                                                    " (add --checkpoint-every N to keep good ones)"))
+            raise NonFiniteError(f"{exc}; {where}") from None
+
     with stop_requested() as stop:
         while state.step < steps:
             metrics = step_fn(state) if step_fn is not None else train_step(state, backend)
@@ -113,7 +123,7 @@ def run_resilient(state: SFDState, steps: int, *, checkpoint_root: str | Path | 
                 result.log.append({"step": state.step, **host})
                 if on_log is not None and dist_utils.is_main():
                     on_log(state.step, host)
-                check_health(state)
+                check_health_or_name_last_good()
             # Single process: a Python flag, no sync. Ranks must agree (a save is collective):
             # one tiny all-reduce per step.
             if dist_utils.any_rank(stop[0]) if distributed else stop[0]:
@@ -122,7 +132,7 @@ def run_resilient(state: SFDState, steps: int, *, checkpoint_root: str | Path | 
                 result.interrupted = True
                 return result
             if checkpoint_every and state.step % checkpoint_every == 0 and not done:
-                check_health(state)
+                check_health_or_name_last_good()
                 save()
     if checkpoint_root is not None:
         save()
