@@ -139,6 +139,53 @@ def iterations_for(run, round_s: float, cap: int = 2000) -> int:
     return max(1, min(cap, math.ceil(round_s / per_call)))
 
 
+def interleaved(calls: dict, rounds: int, warmup: int = 1, sync=None) -> dict[str, dict]:
+    """Time each of ``calls`` (name -> no-argument callable) round-robin: one call of each per round.
+
+    Ratios between providers measured one after the other drift with the machine's load (a busy
+    neighbour, a thermal step, the allocator's state); interleaving puts every provider under the
+    same conditions, so their ratio is what this run can claim. The order rotates each round, so no
+    provider always runs right after the same one. Host perf_counter around each call (followed by
+    ``sync`` when given, e.g. ``torch.cuda.synchronize``). Returns per name: median, q1, q3 (s),
+    rounds, and ``ratio_to_<first name>`` = first's median / this median.
+    """
+    names = list(calls)
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        for name in names:
+            calls[name]()
+            sync()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            calls[name]()
+            sync()
+            times[name].append(time.perf_counter() - start)
+
+    def quantile(xs, q):
+        xs = sorted(xs)
+        k = (len(xs) - 1) * q
+        lo, hi = math.floor(k), math.ceil(k)
+        return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+    out = {name: {"median_s": quantile(ts, 0.5), "q1_s": quantile(ts, 0.25), "q3_s": quantile(ts, 0.75),
+                  "rounds": len(ts)} for name, ts in times.items()}
+    base = out[names[0]]["median_s"]
+    for name in names:
+        out[name][f"ratio_to_{names[0]}"] = base / out[name]["median_s"]
+    return out
+
+
+def print_interleaved(title: str, result: dict[str, dict], threads: int) -> None:
+    """The table ``interleaved`` returned, with the thread count it was measured at."""
+    first = next(iter(result))
+    print(f"\n{title} (interleaved, {threads} torch thread(s)); ratio = {first} median / provider median")
+    for name, r in result.items():
+        print(f"  {name:28s} median {r['median_s'] * 1e3:9.2f} ms  IQR {r['q1_s'] * 1e3:8.2f}-{r['q3_s'] * 1e3:8.2f} ms"
+              f"  ratio {r[f'ratio_to_{first}']:.2f}x")
+
+
 def peak_memory_reset(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -108,3 +108,27 @@ def test_teacher_heun18(benchmark, generator, group):
     teacher = generator.denoiser.to(DEVICE)  # same network, so per-NFE cost is identical
     z, c = _inputs(generator, BATCHES[group])
     _run(benchmark, group, lambda: edm_heun_sample(teacher, z, c, num_steps=18), heun_nfe(18))
+
+
+@pytest.mark.parametrize("group", BATCHES)
+def test_interleaved(benchmark, generator, onnx_path, group):
+    """The teacher's sampler and every one-step provider round-robin in one process
+    (``_timing.interleaved``): the per-image speed-ups to quote, at the thread count in force
+    (``torch_threads``; onnxruntime's intra-op threads are set to the same number, so neither side
+    gets more cores than the other). ``ratio_to_teacher_heun18`` = teacher median / provider median
+    at the same batch = the one-step speed-up per image."""
+    threads = torch.get_num_threads()
+    z, c = _inputs(generator, BATCHES[group])
+    teacher = generator.denoiser.to(DEVICE)
+    eager = TorchRunner(generator, DEVICE)
+    ort = OnnxRuntimeRunner(onnx_path, threads=threads)
+    calls = {"teacher_heun18": lambda: edm_heun_sample(teacher, z, c, num_steps=18),
+             "torch_eager": lambda: eager(z, c), "onnxruntime": lambda: ort(z, c)}
+    with torch.no_grad():
+        result = _timing.interleaved(calls, rounds=5 if _timing.quick() else 15, warmup=1,
+                                     sync=torch.cuda.synchronize if DEVICE == "cuda" else None)
+    benchmark.group = f"interleaved-{group}"
+    benchmark.pedantic(lambda: [f() for f in calls.values()], rounds=1, iterations=1)
+    benchmark.extra_info.update(interleaved=result, torch_threads=threads, ort_intra_op_threads=threads,
+                                images=BATCHES[group], preset=PRESET, device=DEVICE, teacher_nfe=heun_nfe(18))
+    _timing.print_interleaved(f"inference {group} ({PRESET})", result, threads)

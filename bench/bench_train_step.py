@@ -139,3 +139,26 @@ def test_train_step(benchmark, setup, bench_device, provider):
         info["speedup_vs_reference"] = _MEDIANS["reference_fp32"] / median
     if "eager_bf16" in _MEDIANS and provider == "fast":
         info["speedup_vs_eager_bf16"] = _MEDIANS["eager_bf16"] / median
+
+
+def test_train_step_interleaved(benchmark, setup, bench_device):
+    """Every provider's step round-robin in one process (``_timing.interleaved``): the ratios to
+    quote. One benchmark round = one step of each provider; ``extra_info.interleaved`` holds each
+    provider's median and IQR over the rounds and its ratio to the reference. ``fused_fp32`` (no
+    shared G sample) is here to separate the fusions from the sampling change of ``share_noise``."""
+    options = {**providers(bench_device), "fused_fp32": StepOptions(fused=True)}
+    order = ["reference_fp32", "fused_fp32", "fused_fp32_shared", "eager_bf16", "fast"]
+    states = {name: SFDState.create(setup["config"], copy.deepcopy(setup["teacher"]), device=bench_device)
+              for name in order}
+    calls = {name: (lambda n=name: train_step(states[n], options=options[n])) for name in order}
+    sync = torch.cuda.synchronize if bench_device.type == "cuda" else None
+    warmup, rounds = ROUNDS[bench_device.type]
+    if bench_device.type == "cuda":
+        warmup = max(warmup, max(o.warmup_steps + 1 for o in options.values() if o is not None))
+    result = _timing.interleaved(calls, rounds=max(rounds, 7), warmup=warmup, sync=sync)
+    benchmark.pedantic(lambda: [c() for c in calls.values()], rounds=1, iterations=1)
+    benchmark.extra_info.update(interleaved=result, torch_threads=torch.get_num_threads(),
+                                options={n: None if o is None else o.to_dict() for n, o in options.items()},
+                                batch_images=setup["images"], unet_params=setup["params"])
+    _timing.print_interleaved(f"train_step, {setup['images']} images, {setup['params'] / 1e6:.2f}M-param UNet",
+                              result, torch.get_num_threads())
