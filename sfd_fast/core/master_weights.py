@@ -7,7 +7,7 @@ below bf16's resolution (~0.4% of the weight), so stepping the bf16 weights dire
 most updates. After each step the master is rounded back into the module's weights.
 
 Per trained parameter: 2 (bf16 weight) + 4 (master) + 8 (Adam moments) bytes persistent, versus
-4 + 8 for fp32 weights; gradients are 2 bytes during backward instead of 4. So this option is about
+4 + 8 for fp32 weights; gradients are 2 bytes instead of 4 (their fp32 copy lives only inside ``step``). So this option is about
 speed and the standard recipe more than memory; the memory saver for SD-size models is the frozen
 teacher in bf16 (``T2IOptions.teacher_precision``), which needs no master copy at all.
 """
@@ -47,6 +47,8 @@ class MasterWeightAdam(torch.optim.Adam):
         for p, m in zip(self.model_params, self.master_params):
             m.grad = None if p.grad is None else p.grad.float()
         super().step()
+        for m in self.master_params:  # the fp32 gradient copies: 4 B/param freed now, not at the next zero_grad
+            m.grad = None
         self.copy_masters_to_model()
 
     @torch.no_grad()
