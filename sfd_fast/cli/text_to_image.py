@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .args import EXIT_INTERRUPTED, add_resilience_args, under_torchrun
+from .args import EXIT_INTERRUPTED, add_overwrite_arg, add_resilience_args, check_device, under_torchrun
 
 DEFAULT_REMAIN = ("a photo of a cat", "a landscape painting", "a red car on a street", "a bowl of fruit",
                   "a woman reading a book", "a man riding a bicycle")
@@ -58,6 +58,7 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=10, help="pull metrics to the host every N steps (default: 10)")
     add_resilience_args(p, "checkpoints, resume and multi-GPU (bit-exact resume; SIGTERM/SIGINT save and exit; "
                            "under torchrun every rank trains with DDP, rank 0 writes)")
+    add_overwrite_arg(p, "--out's generator/")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -106,7 +107,7 @@ def _distill(args) -> int:
     from ..core.config import SFDConfig, parse_overrides
     from ..core.faults import NonFiniteError
     from ..core.step import train_step
-    from ..io.atomic import check_writable_dir, write_json
+    from ..io.atomic import check_replaceable, check_writable_dir, write_json
     from ..models.model_card import RunRecord
     from ..models.sd_pipeline import load_t2i_pipeline
     from ..train import distributed
@@ -115,6 +116,7 @@ def _distill(args) -> int:
 
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    check_device(args.device)
     config = T2I_SFD_CONFIG.to_dict()
     config.update(parse_overrides(args.set))
     config = SFDConfig.from_dict({**config, "seed": args.seed})
@@ -128,6 +130,7 @@ def _distill(args) -> int:
     if args.keep_last < 1:
         raise ValueError(f"--keep-last must be >= 1, got {args.keep_last}")
     check_writable_dir(args.out)  # refuse now, not after training
+    check_replaceable(args.out / "generator", "--out", args.overwrite)
     if args.checkpoint_dir is not None:
         check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
     robust = RobustConfig(inner_steps=args.robust_inner_steps) if args.robust else None  # validated early
@@ -176,7 +179,7 @@ def _distill(args) -> int:
                            metrics={"training (last logged step)": result.log[-1]} if result.log else None,
                            extra={"distillation steps": args.steps})
         save_t2i_generator(state.generator_ema, args.pipeline, args.out / "generator", spec.negative_prompt,
-                           record=record)
+                           record=record, overwrite=args.overwrite)
         write_json({**run_config, "pipeline": str(args.pipeline.resolve()),
                     "forget": list(spec.forget), "override": list(spec.override), "remain": list(spec.remain),
                     "negative_prompt": spec.negative_prompt}, args.out / "config.json")
@@ -306,6 +309,9 @@ def run_evaluate(args) -> int:
     judge = ClipJudge(args.clip, args.device)
     generator, _ = load_t2i_generator(args.run / "generator", args.device)
     pipeline = load_t2i_pipeline(pipeline_dir, args.device)
+    if pipeline.kind != "sd":  # the soft-prompt attack hooks one CLIP text encoder; the Heun sampler a DDPM table
+        raise ValueError(f"evaluate-t2i supports StableDiffusionPipeline runs only; {pipeline_dir} is a "
+                         f"{pipeline.pipeline_class} folder (sample it with `sfd-fast sample` or stock diffusers)")
     guidance = run["t2i"]["guidance_scale"]
     negative = pipeline.encode_prompts([run["negative_prompt"]]) if guidance != 1 else None
     teacher = LatentDenoiser(pipeline.unet, pipeline.scheduler_config, guidance, negative).to(args.device)

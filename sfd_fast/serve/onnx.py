@@ -100,6 +100,44 @@ def _export_with_fallback(module, args, path, input_names, output_name, exporter
         return "torchscript"
 
 
+def _drop_noop_squeezes(path: Path) -> int:
+    """Rewrite each ONNX Squeeze whose squeezed axes all have a static size != 1 into Identity; returns the count.
+
+    torch's ``x.squeeze(d)`` is a no-op when dim d is not 1, and diffusers' PixArtTransformer2DModel ends with
+    ``hidden_states.squeeze(1)`` on (B, tokens, C); both exporters keep it as a Squeeze that onnxruntime then
+    refuses to load ("Dimension of input 1 must be 1 instead of 16"). Where the size is not static the node stays.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    inferred = onnx.shape_inference.infer_shapes(model)
+    shapes = {}
+    for vi in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    consts[node.output[0]] = numpy_helper.to_array(a.t)
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "Squeeze" or len(node.input) < 2:
+            continue
+        axes, shape = consts.get(node.input[1]), shapes.get(node.input[0])
+        if axes is None or not shape:
+            continue
+        if all(shape[a] is not None and shape[a] != 1 for a in axes.reshape(-1).tolist()):
+            node.op_type = "Identity"
+            del node.input[1:]
+            changed += 1
+    if changed:
+        onnx.save(model, str(path))
+    return changed
+
+
 def _max_error(module: nn.Module, path: Path, feeds: dict[str, torch.Tensor]) -> float:
     """Max |ORT(feeds) - module(*feeds)| on CPU float32."""
     import onnxruntime as ort
@@ -180,6 +218,8 @@ def _generator_to_onnx(generator, path: Path, cond, opset, exporter, external_da
     z = torch.randn(cond.shape[0], *shape, generator=torch.Generator().manual_seed(0))
     used = _export_with_fallback(generator, (z, cond), path, list(INPUT_NAMES), OUTPUT_NAME, exporter, opset,
                                  external_data)
+    if cond.dtype == torch.float32 and not external_data:  # text-to-image transformers (PixArt)
+        _drop_noop_squeezes(path)
     import onnx
     opset_used = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
 
@@ -253,6 +293,11 @@ def t2i_to_onnx(generator: nn.Module, pipeline, path: str | os.PathLike, *, opse
     """
     path = Path(path)
     _check_args(exporter, opset, tolerance)
+    kind = getattr(pipeline, "kind", "sd")
+    if kind != "sd":  # several text encoders, pooled/masked conditions: no single encoder graph yet
+        raise ValueError(f"exporting the text encoder and VAE with G is for StableDiffusionPipeline generators; this "
+                         f"is a {pipeline.pipeline_class} one: export G alone with sfd_fast.serve.to_onnx(generator, "
+                         "path, cond=pipeline.encode_prompts([...])) (inputs z and the packed condition)")
     tokenizer = pipeline.tokenizer
     max_length = int(tokenizer.model_max_length)
     example_ids = tokenizer(["a photo of a cat", ""], padding="max_length", max_length=max_length, truncation=True,

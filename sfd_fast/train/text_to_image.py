@@ -1,6 +1,8 @@
 """SFD on a latent text-to-image model: build the state, run the shared ``train_step``, save/load G.
 
-The three networks are ``LatentDenoiser`` copies of the pipeline's UNet; the teacher and the fake
+The three networks are denoisers over copies of the pipeline's network: ``LatentDenoiser`` (SD1.x UNet),
+``SDXLDenoiser`` (SDXL UNet), ``PixArtDenoiser`` (PixArt DiT) or ``FlowDenoiser`` (SD3 flow transformer);
+the pipeline object decides, through ``make_denoiser`` / ``make_generator`` (docs/backbones.md). The teacher and the fake
 score evaluate with CFG (scale ``guidance_scale``, negative prompt = ConceptSpec.negative_prompt),
 the generator G(z, text) = D(sigma_init z, sigma_init, text) with its own (default: no) guidance.
 One CFG scale per network: the fake score trains and evaluates with the same scale (SiD-LSG's
@@ -23,7 +25,7 @@ from ..core.master_weights import use_master_weights
 from ..core.prompts import ConceptSpec, PromptConditions
 from ..core.state import SFDState
 from ..io.atomic import CheckpointError
-from ..models.latent_denoiser import LatentDenoiser
+from ..models.flow_denoiser import FlowDenoiser, FlowOneStepGenerator, one_step_flow_scheduler
 from ..models.model_card import ModelCard, RunRecord
 from ..models.networks import OneStepGenerator, _replace_dir
 from ..models.sd_pipeline import T2IPipeline, load_t2i_pipeline
@@ -60,28 +62,35 @@ class T2IOptions:
 
 def build_t2i_state(pipeline: T2IPipeline, spec: ConceptSpec, config: SFDConfig = T2I_SFD_CONFIG,
                     options: T2IOptions = T2IOptions(), device: str | torch.device | None = None) -> SFDState:
-    """SFDState whose three networks are LatentDenoisers over ``pipeline.unet`` and copies of it.
+    """SFDState whose three networks are denoisers over ``pipeline.network`` and copies of it.
 
-    The teacher *is* ``pipeline.unet`` (no extra copy at SD size): the state takes it over, and
-    the memory options below change it in place; load the pipeline again for another state.
+    ``pipeline`` is what ``load_t2i_pipeline`` returns: ``T2IPipeline`` (SD1.x), ``SDXLT2IPipeline``,
+    ``PixArtT2IPipeline`` or ``SD3T2IPipeline`` (flow transformer; G is then a ``FlowOneStepGenerator``,
+    x_t = z at t_init). The teacher *is* ``pipeline.network`` (no extra copy at
+    SD size): the state takes it over, and the memory options below change it in place; load the pipeline
+    again for another state.
     """
     device = torch.device(device) if device is not None else pipeline.device
     conditions = PromptConditions.encode(spec, pipeline, options.prompt_drop).to(device)
-    teacher = LatentDenoiser(pipeline.unet, pipeline.scheduler_config, options.guidance_scale, conditions.negative)
+    teacher = pipeline.make_denoiser(options.guidance_scale, conditions.negative)
     state = SFDState.create(config, teacher, device, conditions=conditions)
+    generator = pipeline.make_generator(state.generator.denoiser, config.sigma_init)
+    if type(generator) is not type(state.generator):  # same denoiser (and parameters), other input convention
+        state.generator = generator.train()
+        state.generator_ema = pipeline.make_generator(state.generator_ema.denoiser, config.sigma_init).eval()
     bf16 = torch.bfloat16
     if options.teacher_precision == "bf16":
-        state.teacher.unet.to(bf16)  # frozen and optimizer-free: no fp32 copy is needed
+        state.teacher.network.to(bf16)  # frozen and optimizer-free: no fp32 copy is needed
     if options.trained_precision == "bf16":
-        # UNet weights only: the denoisers' sigma tables (buffers) stay fp32. The EMA stays fp32
+        # Network weights only: the denoisers' sigma tables (buffers) stay fp32. The EMA stays fp32
         # and averages the masters.
-        state.opt_fake = use_master_weights(state.fake.unet, state.opt_fake, bf16)
-        state.opt_gen = use_master_weights(state.generator.denoiser.unet, state.opt_gen, bf16)
+        state.opt_fake = use_master_weights(state.fake.network, state.opt_fake, bf16)
+        state.opt_gen = use_master_weights(state.generator.denoiser.network, state.opt_gen, bf16)
     for net in (state.fake, state.generator.denoiser):
         net.compute_dtype = bf16 if options.compute_precision == "bf16" else None
     if options.gradient_checkpointing:
         for net in (state.generator.denoiser, state.teacher, state.fake):
-            net.unet.enable_gradient_checkpointing()
+            net.network.enable_gradient_checkpointing()
     for g in (state.generator.denoiser, state.generator_ema.denoiser):
         g.set_guidance(options.generator_guidance_scale)
     return state
@@ -91,8 +100,13 @@ PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")  # n
 
 
 def save_t2i_generator(generator: OneStepGenerator, pipeline_dir: str | os.PathLike, out: str | os.PathLike,
-                       negative_prompt: str = "", record: RunRecord | None = None) -> Path:
-    """G as a complete diffusers pipeline folder that stock ``StableDiffusionPipeline`` samples in one step.
+                       negative_prompt: str = "", record: RunRecord | None = None, overwrite: bool = False) -> Path:
+    """G as a complete diffusers pipeline folder of the teacher's class that stock diffusers samples in one step.
+
+    An existing ``out`` is replaced only if sfd_fast wrote it (or it is empty), unless ``overwrite``.
+
+    For SD3 (``FlowDenoiser``) the network goes to ``transformer/`` and the scheduler is
+    ``one_step_flow_scheduler`` (called with ``sigmas=[t_init]``); PixArt's network also goes to ``transformer/``.
 
     ``unet/`` is G's; ``scheduler/`` is the one-step EulerDiscreteScheduler (``one_step_euler_scheduler``:
     one step = [sigma_init, 0]); every other component of the teacher's ``model_index.json`` (VAE, text
@@ -104,7 +118,15 @@ def save_t2i_generator(generator: OneStepGenerator, pipeline_dir: str | os.PathL
 
     pipeline_dir, out = Path(pipeline_dir), Path(out)
     denoiser = generator.denoiser
-    scheduler = one_step_euler_scheduler(denoiser.scheduler_config, generator.sigma_init)
+    network_name = denoiser.network_subfolder  # unet/ (SD1.x) or transformer/ (SD3, PixArt)
+    if isinstance(denoiser, FlowDenoiser):
+        if not isinstance(generator, FlowOneStepGenerator):
+            raise TypeError("a flow-matching generator must be a FlowOneStepGenerator (x_t = z at t_init)")
+        scheduler = one_step_flow_scheduler(denoiser.scheduler_config)
+        call_kwargs = {"sigmas": [generator.t_init], **_sd3_call_kwargs(pipeline_dir)}
+    else:
+        scheduler = one_step_euler_scheduler(denoiser.scheduler_config, generator.sigma_init)
+        call_kwargs = denoiser.stock_call_kwargs()
     index = json.loads((pipeline_dir / "model_index.json").read_text())
     index["scheduler"] = ["diffusers", type(scheduler).__name__]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,26 +135,40 @@ def save_t2i_generator(generator: OneStepGenerator, pipeline_dir: str | os.PathL
     try:
         tmp.mkdir()
         for name, entry in index.items():
-            copied = (not name.startswith("_") and name not in ("unet", "scheduler") and isinstance(entry, list)
+            copied = (not name.startswith("_") and name not in (network_name, "scheduler") and isinstance(entry, list)
                       and entry and entry[0] is not None)
             if copied and (pipeline_dir / name).is_dir():
                 shutil.copytree(pipeline_dir / name, tmp / name, ignore=shutil.ignore_patterns(*PICKLED_WEIGHTS))
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        denoiser.unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        denoiser.network.save_pretrained(tmp / network_name, safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
         meta = {"role": T2I_GENERATOR_ROLE, "sigma_init": generator.sigma_init,
                 "guidance_scale": denoiser.guidance_scale, "negative_prompt": negative_prompt}
+        if call_kwargs:
+            meta["call_kwargs"] = call_kwargs
         (tmp / GENERATOR_META).write_text(json.dumps(meta, indent=2))
         _t2i_card(generator, index, meta, record or RunRecord(teacher=str(pipeline_dir))).write(tmp)
-        _replace_dir(tmp, out)
+        _replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
+def _sd3_call_kwargs(pipeline_dir: Path) -> dict:
+    """``max_sequence_length`` the SD3 prompts were encoded with (``load_sd3_pipeline``'s rule), read from the
+    folder's T5 tokenizer config (the default when there is none or it is unreadable)."""
+    from ..models.sd3_pipeline import t5_sequence_length
+
+    try:
+        config = json.loads((pipeline_dir / "tokenizer_3" / "tokenizer_config.json").read_text())
+        return {"max_sequence_length": t5_sequence_length(config["model_max_length"])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"max_sequence_length": t5_sequence_length(None)}
+
+
 def _call_kwargs(meta: dict) -> dict:
-    kwargs = {"num_inference_steps": 1, "guidance_scale": float(meta["guidance_scale"])}
+    kwargs = {"num_inference_steps": 1, "guidance_scale": float(meta["guidance_scale"]), **meta.get("call_kwargs", {})}
     if meta["guidance_scale"] != 1 and meta.get("negative_prompt"):
         kwargs["negative_prompt"] = meta["negative_prompt"]
     return kwargs
@@ -155,22 +191,32 @@ def _t2i_card(generator: OneStepGenerator, index: dict, meta: dict, record: RunR
     usage = (f"from diffusers import {pipeline_class}\n\n"
              f"pipe = {pipeline_class}.from_pretrained(\"path/to/generator\")\n"
              f"image = pipe(\"a photo of a cat\", {args}).images[0]\n")
-    t_init = float(denoiser.timestep(torch.tensor([generator.sigma_init], device=denoiser.log_sigmas.device)))
-    guidance = ("no classifier-free guidance: the teacher's CFG was distilled into G, one UNet call per image"
+    flow = isinstance(denoiser, FlowDenoiser)
+    t_init = float(denoiser.timestep(torch.tensor([generator.sigma_init], device=next(denoiser.parameters()).device)))
+    net = "UNet" if denoiser.network_subfolder == "unet" else "transformer"
+    guidance = (f"no classifier-free guidance: the teacher's CFG was distilled into G, one {net} call per image"
                 if meta["guidance_scale"] == 1 else
-                f"CFG {meta['guidance_scale']} with negative prompt {meta['negative_prompt']!r} (two UNet calls)")
+                f"CFG {meta['guidance_scale']} with negative prompt {meta['negative_prompt']!r} (two {net} calls)")
+    if flow:
+        how = (f"its scheduler is a `FlowMatchEulerDiscreteScheduler` with shift 1, so one step with "
+               f"`sigmas=[{generator.t_init!r}]` runs exactly [t_init, 0] from unit noise and reproduces G")
+        scheduler_fact = "FlowMatchEulerDiscreteScheduler, shift 1, called with sigmas=[t_init]"
+        timing = {"t_init (flow time; model timestep x 1000)": round(generator.t_init, 6)}
+    else:
+        how = ("its scheduler is an `EulerDiscreteScheduler` with Karras sigmas capped at sigma_init, so "
+               "`num_inference_steps=1` runs exactly [sigma_init, 0] and reproduces G")
+        scheduler_fact = "EulerDiscreteScheduler, use_karras_sigmas, sigma_max = sigma_init"
+        timing = {"t_init (fractional training timestep)": round(t_init, 4)}
     return ModelCard(
         title="One-step text-to-image generator (Score Forgetting Distillation)", pipeline_tag="text-to-image",
         summary=("A one-step generator G(z, text) = D(sigma_init z, sigma_init, text) distilled from the teacher "
                  "pipeline below by SFD, which also makes it forget the concepts listed. This folder is a complete "
-                 f"diffusers `{pipeline_class}`: its scheduler is an `EulerDiscreteScheduler` with Karras sigmas "
-                 "capped at sigma_init, so `num_inference_steps=1` runs exactly [sigma_init, 0] and reproduces G. "
+                 f"diffusers `{pipeline_class}`: {how}. "
                  f"Pass `guidance_scale={meta['guidance_scale']}` (the pipeline's default 7.5 would add CFG that "
                  "G was not distilled with) and one step (more steps run G at noise levels it was not trained for)."),
         usage=((f"With diffusers alone (`{pipeline_class}`, nothing of sfd_fast is imported):", usage),),
         facts={"pipeline": pipeline_class, "prediction type": denoiser.prediction_type,
-               "sigma_init": generator.sigma_init, "t_init (fractional training timestep)": round(t_init, 4),
-               "scheduler": "EulerDiscreteScheduler, use_karras_sigmas, sigma_max = sigma_init",
+               "sigma_init": generator.sigma_init, **timing, "scheduler": scheduler_fact,
                "steps (NFE)": 1, "guidance": guidance},
         record=record)
 
@@ -188,15 +234,16 @@ def is_t2i_generator(path: str | os.PathLike) -> bool:
 
 
 def load_t2i_generator(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """(OneStepGenerator over a LatentDenoiser, its T2IPipeline) from a ``save_t2i_generator`` folder."""
+    """(G, its pipeline) from a ``save_t2i_generator`` folder: a OneStepGenerator over a LatentDenoiser and a
+    T2IPipeline, or (SD3) a FlowOneStepGenerator over a FlowDenoiser and an SD3T2IPipeline."""
     meta = _generator_meta(path)
     if meta.get("role") != T2I_GENERATOR_ROLE:
         raise CheckpointError(f"{str(path)!r} is not a text-to-image one-step generator folder (written by "
                               "`sfd-fast distill --pipeline`)")
     pipeline = load_t2i_pipeline(path, device)
     negative = pipeline.encode_prompts([meta["negative_prompt"]]) if meta["guidance_scale"] != 1 else None
-    denoiser = LatentDenoiser(pipeline.unet, pipeline.scheduler_config, meta["guidance_scale"], negative)
-    return OneStepGenerator(denoiser, meta["sigma_init"]).to(device).eval(), pipeline
+    denoiser = pipeline.make_denoiser(meta["guidance_scale"], negative)
+    return pipeline.make_generator(denoiser, meta["sigma_init"]).to(device).eval(), pipeline
 
 
 @torch.no_grad()
