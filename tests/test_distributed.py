@@ -62,11 +62,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _thread_reference(world: int) -> list[torch.Tensor]:
+def _thread_reference(world: int, cfg: SFDConfig = CFG) -> list[torch.Tensor]:
     """One process, ``world`` states with the ranks' seeds, grads averaged before every step."""
-    states = [SFDState.create(CFG, _teacher()) for _ in range(world)]
+    states = [SFDState.create(cfg, _teacher()) for _ in range(world)]
     for r, s in enumerate(states):
-        s.rng.manual_seed(rank_seed(CFG.seed, r))
+        s.rng.manual_seed(rank_seed(cfg.seed, r))
     barrier = threading.Barrier(world, timeout=120)
 
     for name in ("opt_fake", "opt_gen"):
@@ -149,7 +149,7 @@ def test_unsupported_modes_are_refused_clearly(tiny_teacher):
     state = SFDState.create(CFG, tiny_teacher)
     with pytest.raises(ValueError, match="unknown distributed mode 'zero3'; allowed: \\('ddp', 'fsdp'\\)"):
         distribute_state(state, "zero3")
-    with pytest.raises(NotImplementedError, match="'fsdp'.*not supported yet.*use mode='ddp'"):
-        distribute_state(state, "fsdp")
+    with pytest.raises(RuntimeError, match="'fsdp' needs a torch.distributed process group"):
+        distribute_state(state, "fsdp")  # FSDP2 needs torchrun (tests/test_fsdp.py runs it on gloo)
     distribute_state(state, "ddp")  # a single process: nothing to wrap
     assert state.generator.__class__.__name__ == "OneStepGenerator"

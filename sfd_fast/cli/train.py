@@ -55,6 +55,10 @@ def add_parsers(sub) -> None:
                    help="loss implementation (default: $SFD_FAST_BACKEND or auto)")
     add_step_args(p, log_every=25)
     add_resilience_args(p)
+    p.add_argument("--distributed", default="ddp", choices=["ddp", "fsdp"],
+                   help="under torchrun: ddp (weights replicated, gradients all-reduced) or fsdp (FSDP2: weights, "
+                        "gradients and Adam state sharded per UNet block, sharded DCP checkpoints; needs torchrun) "
+                        "(default: ddp)")
     add_forget_args(p)
     add_overwrite_arg(p, "--out's generator/")
     add_common(p)
@@ -126,6 +130,10 @@ def run_distill(args) -> int:
     if args.keep_last < 1:
         raise ValueError(f"--keep-last must be >= 1, got {args.keep_last}")
     check_step_args(args)
+    torchrun_env = under_torchrun() or {"LOCAL_RANK", "MASTER_ADDR"} <= set(os.environ)  # also --nproc-per-node 1
+    if args.distributed == "fsdp" and not torchrun_env:
+        raise ValueError("--distributed fsdp shards the state across ranks and needs torchrun (e.g. torchrun "
+                         "--nproc-per-node 2 -m sfd_fast.cli distill ...); one process without it runs unsharded")
     check_writable_dir(args.out)  # refuse now, not after training
     check_replaceable(args.out / "generator", "--out", args.overwrite)
     if args.checkpoint_dir is not None:
@@ -137,12 +145,12 @@ def run_distill(args) -> int:
     dispatch.resolve_backend(backend, args.device)  # an unusable --backend stops the run here
     resilient = bool(args.resume or args.checkpoint_every or args.checkpoint_dir is not None or under_torchrun())
     device = args.device
-    if under_torchrun():  # one rank per process
-        device = distributed.init_from_env("gloo" if args.device == "cpu" else "nccl")
+    if under_torchrun() or args.distributed == "fsdp":  # one rank per process
+        device = distributed.init_from_env("gloo" if args.device == "cpu" else "nccl", one_rank_group=True)
     state = None
     try:
         state = SFDState.create(config, load_denoiser(args.teacher, device), device)
-        distributed.distribute_state(state, "ddp")
+        distributed.distribute_state(state, args.distributed)
         root = (args.checkpoint_dir or args.out / "checkpoints") if resilient else None
         say = print if distributed.is_main() else (lambda *a, **k: None)
         bar = tqdm(total=args.steps, desc="sfd", disable=args.no_progress or resilient or not distributed.is_main())
@@ -171,13 +179,14 @@ def run_distill(args) -> int:
             return EXIT_INTERRUPTED
         if result.report_start_and_stop(say):
             return EXIT_INTERRUPTED
+        ema = distributed.gathered_module(state, "generator_ema")  # collective under fsdp; None off rank 0
         if distributed.is_main():
             args.out.mkdir(parents=True, exist_ok=True)
             spec = state.forget
             record = RunRecord(teacher=str(args.teacher), forget=tuple(map(str, spec.forget)),
                                override=() if spec.override is None else tuple(map(str, spec.override)),
                                config=config.to_dict(), metrics=result.log[-1] if result.log else None)
-            save_generator(state.generator_ema, args.out / "generator", record=record,  # with its model card
+            save_generator(ema, args.out / "generator", record=record,  # with its model card
                            overwrite=args.overwrite)
             write_json(config.to_dict(), args.out / "config.json")
             write_json({"log": result.log, "step_options": args.step_options}, args.out / "train_log.json")

@@ -182,12 +182,26 @@ def nonfinite_modules(state, names=("generator", "fake", "generator_ema")) -> li
     The guard checks losses and gradients; an update of finite gradients can still overflow a
     weight (a huge lr), so weights are checked too before anything is saved or trusted.
     """
-    finite = []
+    finite, sharded = [], False
     for name in names:  # one foreach max-norm per network, all read back in one transfer
-        params = [p.detach() for p in getattr(state, name).parameters() if p.is_floating_point()]
+        params = []
+        for p in getattr(state, name).parameters():
+            if p.is_floating_point():
+                sharded = sharded or hasattr(p, "to_local")
+                # FSDP2 shards: this rank's part (it may be empty: a tensor with fewer rows than ranks).
+                local = p.detach().to_local() if hasattr(p, "to_local") else p.detach()
+                if local.numel():
+                    params.append(local)
         norms = torch._foreach_norm(params, float("inf")) if params else [torch.zeros((), device=state.device)]
         finite.append(torch.isfinite(torch.stack([n.to(state.device) for n in norms])).all())
-    return [name for name, ok in zip(names, torch.stack(finite).tolist()) if not ok]
+    flags = torch.stack(finite)
+    if sharded and ranks.is_initialized():
+        # Each rank saw its shards only: agree (MIN), so every rank decides the same (a collective:
+        # sharded states call this on every rank, as check_health and the checkpoint writers do).
+        agreed = flags.to(device=ranks.comm_device(), dtype=torch.int32)
+        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+        flags = agreed.bool()
+    return [name for name, ok in zip(names, flags.tolist()) if not ok]
 
 
 def check_health(state, max_consecutive: int | None = None) -> None:

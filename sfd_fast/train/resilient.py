@@ -22,7 +22,8 @@ from ..core.state import SFDState
 from ..io.atomic import CheckpointError
 from ..core.step import train_step
 from . import distributed as dist_utils
-from .checkpoint import resume_latest, save_checkpoint
+# Whole-state or sharded (DCP) checkpoints, whichever the state (FSDP2) or the folder holds.
+from .sharded_checkpoint import resume_latest, save_checkpoint
 
 log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
