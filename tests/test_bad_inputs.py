@@ -116,6 +116,8 @@ CASES = [
          r"--device 'cuda': (this torch build has no CUDA|no CUDA GPU is visible).*; use --device cpu", ("out",)),
     Case("--backend cuda without the extension", EXIT, _distill("--backend", "cuda"), 2,
          r"backend 'cuda' was requested but cannot run: ", ("out",)),
+    Case("distill --distributed fsdp without torchrun", EXIT, _distill("--distributed", "fsdp"), 2,
+         r"--distributed fsdp shards the state across ranks and needs torchrun", ("out",)),
     Case("distill --log-every 0", EXIT, _distill("--log-every", "0"), 2, r"--log-every must be >= 1, got 0",
          ("out",)),
     Case("pretrain-teacher --batch-size 0", EXIT,

@@ -100,6 +100,22 @@ def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def add_distributed_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--distributed", default="ddp", choices=["ddp", "fsdp"],
+                   help="under torchrun: ddp (weights replicated, gradients all-reduced) or fsdp (FSDP2: weights, "
+                        "gradients and Adam state sharded per UNet block, sharded DCP checkpoints; needs torchrun) "
+                        "(default: ddp)")
+
+
+def check_distributed(args) -> bool:
+    """Whether this process joins a process group; ValueError for --distributed fsdp without torchrun."""
+    torchrun_env = under_torchrun() or {"LOCAL_RANK", "MASTER_ADDR"} <= set(os.environ)  # also --nproc-per-node 1
+    if args.distributed == "fsdp" and not torchrun_env:
+        raise ValueError("--distributed fsdp shards the state across ranks and needs torchrun (e.g. torchrun "
+                         "--nproc-per-node 2 -m sfd_fast.cli distill ...); one process without it runs unsharded")
+    return under_torchrun() or args.distributed == "fsdp"
+
+
 # --- how a distillation step runs and how often it reports (class-label and text-to-image `distill`) ---
 def add_step_args(p: argparse.ArgumentParser, log_every: int) -> None:
     from ..core.step_options import STEP_PRESETS

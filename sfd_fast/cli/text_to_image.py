@@ -10,7 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .args import EXIT_INTERRUPTED, add_overwrite_arg, add_resilience_args, check_device, under_torchrun
+from .args import (EXIT_INTERRUPTED, add_distributed_arg, add_overwrite_arg, add_resilience_args, check_device,
+                   check_distributed)
 
 DEFAULT_REMAIN = ("a photo of a cat", "a landscape painting", "a red car on a street", "a bowl of fruit",
                   "a woman reading a book", "a man riding a bicycle")
@@ -58,6 +59,7 @@ def build_distill_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=10, help="pull metrics to the host every N steps (default: 10)")
     add_resilience_args(p, "checkpoints, resume and multi-GPU (bit-exact resume; SIGTERM/SIGINT save and exit; "
                            "under torchrun every rank trains with DDP, rank 0 writes)")
+    add_distributed_arg(p)
     add_overwrite_arg(p, "--out's generator/")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -117,6 +119,7 @@ def _distill(args) -> int:
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     check_device(args.device)
+    join_group = check_distributed(args)
     config = T2I_SFD_CONFIG.to_dict()
     config.update(parse_overrides(args.set))
     config = SFDConfig.from_dict({**config, "seed": args.seed})
@@ -140,14 +143,14 @@ def _distill(args) -> int:
             return robust_sfd_step(state, robust, options=args.step_options)
         return train_step(state, options=args.step_options)
     device = args.device
-    if under_torchrun():  # one rank per process, DDP
-        device = distributed.init_from_env("gloo" if args.device == "cpu" else "nccl")
+    if join_group:  # one rank per process
+        device = distributed.init_from_env("gloo" if args.device == "cpu" else "nccl", one_rank_group=True)
     state = None
     try:
         main = distributed.is_main()
         torch.manual_seed(args.seed)
         state = build_t2i_state(load_t2i_pipeline(args.pipeline, device), spec, config, options, device)
-        distributed.distribute_state(state, "ddp")
+        distributed.distribute_state(state, args.distributed)
         checkpoints = args.checkpoint_dir or (args.out / "checkpoints"
                                               if args.checkpoint_every or args.resume else None)
         bar = tqdm(total=args.steps, desc="sfd-t2i", disable=args.no_progress or not main)
@@ -166,6 +169,7 @@ def _distill(args) -> int:
             return 3
         finally:
             bar.close()
+        ema = distributed.gathered_module(state, "generator_ema")  # collective under fsdp; None off rank 0
         if not main:
             return 0
         if result.report_start_and_stop():
@@ -178,7 +182,7 @@ def _distill(args) -> int:
                            remain=spec.remain, negative_prompt=spec.negative_prompt, config=run_config,
                            metrics={"training (last logged step)": result.log[-1]} if result.log else None,
                            extra={"distillation steps": args.steps})
-        save_t2i_generator(state.generator_ema, args.pipeline, args.out / "generator", spec.negative_prompt,
+        save_t2i_generator(ema, args.pipeline, args.out / "generator", spec.negative_prompt,
                            record=record, overwrite=args.overwrite)
         write_json({**run_config, "pipeline": str(args.pipeline.resolve()),
                     "forget": list(spec.forget), "override": list(spec.override), "remain": list(spec.remain),

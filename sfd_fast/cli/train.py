@@ -8,9 +8,9 @@ from pathlib import Path
 
 from ..io.atomic import check_replaceable, check_writable_dir
 from ..models.unet import UNET_PRESETS, UNetConfig
-from .args import (EXIT_INTERRUPTED, add_common, add_forget_args, add_overwrite_arg, add_resilience_args,
-                   add_sfd_config_args, add_step_args, check_step_args, is_text_to_image_folder, sfd_config,
-                   under_torchrun)
+from .args import (EXIT_INTERRUPTED, add_common, add_distributed_arg, add_forget_args, add_overwrite_arg,
+                   add_resilience_args, add_sfd_config_args, add_step_args, check_distributed, check_step_args,
+                   is_text_to_image_folder, sfd_config, under_torchrun)
 
 
 def add_parsers(sub) -> None:
@@ -55,10 +55,7 @@ def add_parsers(sub) -> None:
                    help="loss implementation (default: $SFD_FAST_BACKEND or auto)")
     add_step_args(p, log_every=25)
     add_resilience_args(p)
-    p.add_argument("--distributed", default="ddp", choices=["ddp", "fsdp"],
-                   help="under torchrun: ddp (weights replicated, gradients all-reduced) or fsdp (FSDP2: weights, "
-                        "gradients and Adam state sharded per UNet block, sharded DCP checkpoints; needs torchrun) "
-                        "(default: ddp)")
+    add_distributed_arg(p)
     add_forget_args(p)
     add_overwrite_arg(p, "--out's generator/")
     add_common(p)
@@ -130,10 +127,7 @@ def run_distill(args) -> int:
     if args.keep_last < 1:
         raise ValueError(f"--keep-last must be >= 1, got {args.keep_last}")
     check_step_args(args)
-    torchrun_env = under_torchrun() or {"LOCAL_RANK", "MASTER_ADDR"} <= set(os.environ)  # also --nproc-per-node 1
-    if args.distributed == "fsdp" and not torchrun_env:
-        raise ValueError("--distributed fsdp shards the state across ranks and needs torchrun (e.g. torchrun "
-                         "--nproc-per-node 2 -m sfd_fast.cli distill ...); one process without it runs unsharded")
+    join_group = check_distributed(args)
     check_writable_dir(args.out)  # refuse now, not after training
     check_replaceable(args.out / "generator", "--out", args.overwrite)
     if args.checkpoint_dir is not None:
@@ -145,7 +139,7 @@ def run_distill(args) -> int:
     dispatch.resolve_backend(backend, args.device)  # an unusable --backend stops the run here
     resilient = bool(args.resume or args.checkpoint_every or args.checkpoint_dir is not None or under_torchrun())
     device = args.device
-    if under_torchrun() or args.distributed == "fsdp":  # one rank per process
+    if join_group:  # one rank per process
         device = distributed.init_from_env("gloo" if args.device == "cpu" else "nccl", one_rank_group=True)
     state = None
     try:
