@@ -1,4 +1,4 @@
-"""Exponential moving average of the generator, with EDM's half-life-in-images schedule."""
+"""Exponential moving average of the generator: EDM/SiD's half-life-in-images schedule, or a fixed decay."""
 
 from __future__ import annotations
 
@@ -6,12 +6,16 @@ import torch
 from torch import nn
 
 
-def ema_beta(halflife_kimg: float, rampup_ratio: float | None, images_seen: int, batch_images: int) -> float:
+def ema_beta(halflife_kimg: float, rampup_ratio: float | None, images_seen: int, batch_images: int,
+             decay: float | None = None) -> float:
     """Per-step decay so that the EMA's half-life is ``halflife_kimg`` thousand images.
 
     With ramp-up, the half-life is at most ``rampup_ratio * images_seen`` (early steps forget
-    the initialisation fast).
+    the initialisation fast); this is the SiD EDM code's schedule (500 kimg, ramp-up 0.05).
+    ``decay``, when given, is returned as it is: the SFD DDPM code's fixed per-step decay (0.9999).
     """
+    if decay is not None:
+        return decay
     halflife = halflife_kimg * 1000
     if rampup_ratio is not None:
         halflife = min(halflife, images_seen * rampup_ratio)

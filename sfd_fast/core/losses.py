@@ -43,6 +43,42 @@ def sid_training_sigma(n: int, t_max: float, sigma_min: float, sigma_max: float,
     return (hi + (1 - t) * (lo - hi)) ** rho
 
 
+def ddpm_sigma_table(beta_start: float, beta_end: float, timesteps: int, *,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """sigma_t = sqrt((1 - abar_t) / abar_t) (timesteps,) float32 of a linear-beta DDPM, t = 0..T-1.
+
+    Betas as in the SFD DDPM code (``runners/diffusion.py``): a float64 linspace cast to float32.
+    Its abar is a float32 ``cumprod``, whose rounding depends on the device's scan order (CPU and
+    CUDA differ by up to ~4e-5 relative at small t); here the product of those float32 betas is
+    taken in float64, the device-independent value they all approximate. sigma is the EDM noise
+    level of the same x_t: x_edm = x_ddpm / sqrt(abar_t) = x0 + sigma_t * eps. Built on ``device``
+    (no host-to-device copy, so it can be called while a CUDA graph is captured).
+    """
+    betas = torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64, device=device).float()
+    abar = (1 - betas.double()).cumprod(0)
+    return ((1 - abar) / abar).sqrt().float()
+
+
+def ddpm_training_sigma(n: int, t_min: int, t_max: int, sigmas: torch.Tensor, *,
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """Integer t ~ U{t_min..t_max} (both included), sigma = sigmas[t]. Shape (n,), on sigmas' device.
+
+    The SFD DDPM code's ``torch.randint(low=t_min, high=t_max + 1)`` for both sub-steps.
+    """
+    t = torch.randint(t_min, t_max + 1, (n,), generator=generator, device=sigmas.device)
+    return sigmas.index_select(0, t)
+
+
+def eps_mse_loss_weight(sigma: torch.Tensor) -> torch.Tensor:
+    """1 / sigma^2: the weight that turns the x0 loss sum_pixels (D - x0)^2 into the eps-MSE.
+
+    With x_t = x0 + sigma eps and eps_hat = (x_t - D) / sigma: eps_hat - eps = (x0 - D) / sigma,
+    so sum_pixels (eps_hat - eps)^2 = sum_pixels (D - x0)^2 / sigma^2 (the SFD DDPM code's
+    ``sid_sg_loss_conditional``: per-sample sum over pixels, then a batch mean).
+    """
+    return _upcast(sigma).square().reciprocal()
+
+
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     """fp16/bf16/fp32 -> fp32 (float64 stays float64, for gradient checks)."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -134,6 +170,7 @@ def _check_same(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str) -> N
 
 
 __all__ = [
-    "edm_training_sigma", "edm_loss_weight", "sid_training_sigma", "masked_weighted_sum",
+    "edm_training_sigma", "edm_loss_weight", "sid_training_sigma", "ddpm_sigma_table", "ddpm_training_sigma",
+    "eps_mse_loss_weight", "masked_weighted_sum",
     "edm_denoising_loss", "sid_omega", "sid_generator_loss", "sfd_sample_weights",
 ]

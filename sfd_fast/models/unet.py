@@ -1,4 +1,5 @@
-"""The diffusers UNet2DModel behind every class-conditional denoiser: shape config, presets, builder."""
+"""The diffusers UNet2DModel behind every class-conditional denoiser: shape config, presets, builder,
+and the residual-block dropout of the networks SFD trains."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ class UNetConfig:
     layers_per_block: int = 1               # resnet blocks per level
     norm_num_groups: int = 8                # GroupNorm groups
     attention_head_dim: int = 32            # channels per attention head
-    dropout: float = 0.0                    # SiD trains G and fake score without dropout
+    dropout: float = 0.0                    # ours: a fresh UNet without dropout; SFDConfig.train_dropout sets it on the trained copies
 
     def __post_init__(self) -> None:
         _check(len(self.block_out_channels) == len(self.attention_levels),
@@ -105,3 +106,45 @@ def build_unet(config: UNetConfig):
         layers_per_block=config.layers_per_block, norm_num_groups=config.norm_num_groups,
         attention_head_dim=config.attention_head_dim, num_class_embeds=config.num_classes,
         dropout=config.dropout)
+
+
+class SeededDropout(nn.Dropout):
+    """``nn.Dropout`` whose masks come from a given ``torch.Generator`` (the training state's).
+
+    ``F.dropout`` takes no generator and draws from torch's global one, so a run with dropout
+    would not be repeated by its seed; with the state's generator it is, and the generator's
+    state is checkpointed like the others. Same distribution as ``nn.Dropout`` (keep with
+    probability 1 - p, kept values scaled by 1 / (1 - p)), not the same numbers. The mask is
+    drawn in the logical (N, C, H, W) order, so a channels_last input gets the same mask.
+    """
+
+    def __init__(self, p: float, generator: torch.Generator):
+        super().__init__(p)
+        self.generator = generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape, generator=self.generator, device=x.device) >= self.p
+        return x * keep.to(x.dtype) * (1.0 / (1.0 - self.p))
+
+
+def set_training_dropout(module: nn.Module, p: float, generator: torch.Generator) -> int:
+    """Give every diffusers ``ResnetBlock2D`` in ``module`` a ``SeededDropout(p, generator)``; returns how many.
+
+    Residual blocks are where EDM's (SiD's) and DDIM's (SFD DDPM code's) networks apply their
+    dropout, between the second normalisation and the second convolution, which is where
+    diffusers' ResnetBlock2D has its ``dropout``. Attention dropout is left as it is. Raises if
+    the module has no such block (the setting would silently do nothing).
+    """
+    from diffusers.models.resnet import ResnetBlock2D
+
+    count = 0
+    for block in module.modules():
+        if isinstance(block, ResnetBlock2D) and isinstance(getattr(block, "dropout", None), nn.Dropout):
+            block.dropout = SeededDropout(p, generator)
+            count += 1
+    if count == 0:
+        raise ValueError(f"train_dropout={p} was requested but {type(module).__name__} has no diffusers "
+                         "ResnetBlock2D with a dropout layer to set; use train_dropout=None")
+    return count
