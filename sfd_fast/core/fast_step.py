@@ -9,6 +9,10 @@ What differs from the reference path (step.py), and why it is still the same met
 - ``share_noise`` + ``reuse_generator_sample``: G(z) is evaluated once with grad; its detached
   output trains the fake score and its graph serves the generator step. psi's update does not
   touch theta, so this equals the reference run with the same z (``StepOptions(share_noise=True)``).
+  Not with ``config.train_dropout``: G then samples for the fake step in eval mode and trains in
+  train mode, two different forwards.
+- The config's schedule, fake-score clipping, EMA decay and dropout modes come from the same
+  helpers as step.py (``fake_step_noise``, ``generator_step_sigma``, ``dropout_modes``).
 - Optional: bf16 autocast, channels_last, torch.compile, gradient accumulation over micro-batches, and CUDA-graph capture of the whole step.
 
 No ``.item()``, no boolean indexing and no data-dependent branch inside the step.
@@ -25,12 +29,13 @@ from torch import nn
 
 from . import dispatch, faults
 from .forget import Conditions
-from .grads import frozen, sanitize_grads
-from .losses import edm_loss_weight, edm_training_sigma, sfd_sample_weights, sid_training_sigma
+from .grads import backward_inputs, frozen, sanitize_grads
+from .losses import sfd_sample_weights
 from .ema import ema_beta, update_ema
 from .master_weights import full_precision_params
 from .state import SFDState
 from .step_options import StepOptions
+from .substeps import dropout_modes, fake_step_noise, generator_step_sigma
 
 log = logging.getLogger(__name__)
 _RUNTIMES = "_fast_step_runtimes"  # attribute on the state holding compiled fns / captured graphs
@@ -48,6 +53,7 @@ class _Runtime:
     use_graph: bool
     rows: list  # per micro-batch: None (whole batch) or a LongTensor of row indices
     images_seen: torch.Tensor  # float64 (), set by the host before each step (EMA beta on device)
+    reuse: bool = False  # share_noise + reuse_generator_sample in effect: one G forward per step
     generator: object = None
     fake_loss: object = None
     gen_loss: object = None
@@ -62,9 +68,19 @@ def _unets(state: SFDState) -> list[nn.Module]:
     found = []
     for module in (state.teacher, state.fake, state.generator, state.generator_ema):
         for m in module.modules():
-            if hasattr(m, "set_attn_processor") and m not in found:
+            if hasattr(m, "set_attn_processor") and m not in found and _classic_attention(m):
                 found.append(m)
     return found
+
+
+def _classic_attention(model: nn.Module) -> bool:
+    """Whether every attention processor of a diffusers model is plain self/cross attention.
+
+    Only those may be swapped for AttnProcessor2_0 / xformers; joint attention (SD3's
+    JointAttnProcessor2_0, already SDPA) returns two streams and breaks under a plain processor.
+    """
+    return all(type(p).__name__ in ("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor")
+               for p in getattr(model, "attn_processors", {}).values())
 
 
 def _resolve_attention(state: SFDState, choice: str) -> None:
@@ -156,6 +172,11 @@ def _build_runtime(state: SFDState, options: StepOptions) -> _Runtime:
         faults.make_capturable(state.opt_gen, device)
     rt = _Runtime(options, loss_fns, options.precision, use_graph, rows,
                   torch.zeros((), dtype=torch.float64, device=device))
+    rt.reuse = options.share_noise and options.reuse_generator_sample and len(rows) == 1
+    if rt.reuse and state.trains_with_dropout:
+        rt.reuse = False
+        log.info("reuse_generator_sample: off (train_dropout=%s: G samples for the fake-score step without "
+                 "dropout and trains with it, so one forward cannot serve both)", cfg.train_dropout)
     rt.generator, rt.fake_loss, rt.gen_loss = _step_functions(state, rt)
     if options.compile != "off":
         rt.generator = _MaybeCompiled(rt.generator, options, "generator")
@@ -224,14 +245,18 @@ def _ema_update(state: SFDState, rt: _Runtime, batch_images: int) -> None:
     cfg = state.config
     params = full_precision_params(state.generator, state.opt_gen)
     if not rt.use_graph:
-        beta = ema_beta(cfg.ema_halflife_kimg, cfg.ema_rampup_ratio, state.images_seen + batch_images, batch_images)
+        beta = ema_beta(cfg.ema_halflife_kimg, cfg.ema_rampup_ratio, state.images_seen + batch_images, batch_images,
+                        cfg.ema_decay)
         update_ema(state.generator_ema, state.generator, beta, params)
         return
     images_seen = rt.images_seen
-    halflife = torch.full_like(images_seen, cfg.ema_halflife_kimg * 1000)
-    if cfg.ema_rampup_ratio is not None:
-        halflife = torch.minimum(halflife, images_seen * cfg.ema_rampup_ratio)
-    weight = (1 - 0.5 ** (batch_images / halflife.clamp_min(1e-8))).float()
+    if cfg.ema_decay is not None:  # SFD DDPM code: a fixed decay, the same every replay
+        weight = torch.full_like(images_seen, 1.0 - cfg.ema_decay).float()
+    else:
+        halflife = torch.full_like(images_seen, cfg.ema_halflife_kimg * 1000)
+        if cfg.ema_rampup_ratio is not None:
+            halflife = torch.minimum(halflife, images_seen * cfg.ema_rampup_ratio)
+        weight = (1 - 0.5 ** (batch_images / halflife.clamp_min(1e-8))).float()
     with torch.no_grad():
         for p_ema, p in zip(state.generator_ema.parameters(), params):
             p_ema.lerp_(p, weight)
@@ -250,38 +275,37 @@ def _step_body(state: SFDState, rt: _Runtime, cond: Conditions) -> dict[str, tor
 
     # Same draw order as step.py: z, sigma_fake, eps_fake, [z_gen], sigma_gen, eps_gen.
     z_fake = noise()
-    sigma_fake = edm_training_sigma(n, cfg.p_mean, cfg.p_std, generator=state.rng, device=device)
+    sigma_fake, w_fake = fake_step_noise(cfg, n, state.rng, device)
     eps_fake = noise()
     z_gen = z_fake if options.share_noise else noise()
-    sigma_gen = sid_training_sigma(n, cfg.t_max, cfg.sigma_min, cfg.sigma_max, cfg.rho,
-                                   generator=state.rng, device=device)
+    sigma_gen = generator_step_sigma(cfg, n, state.rng, device)
     eps_gen = noise()
-    w_fake = edm_loss_weight(sigma_fake, cfg.sigma_data) * sfd_sample_weights(
-        n_r, n_f, cfg.lambda_sg, cfg.fake_loss_scale, device=device)
     w_gen = sfd_sample_weights(n_r, n_f, cfg.lambda_g, cfg.gen_loss_scale, device=device)
     fake_params = [p for p in state.fake.parameters() if p.requires_grad]
     gen_params = [p for p in state.generator.parameters() if p.requires_grad]
-    # One G forward serves both sub-steps (exact: psi's update leaves theta untouched).
-    reuse = options.share_noise and options.reuse_generator_sample and len(rt.rows) == 1
+    # One G forward serves both sub-steps (exact: psi's update leaves theta untouched). Not with
+    # train_dropout: G then samples for the fake step without dropout and trains with it.
+    reuse = rt.reuse
     x_g_kept = rt.generator(z_fake, cond.generator) if reuse else None
 
     # ---- fake-score step: EDM loss on detached G samples, accumulated over micro-batches
     state.opt_fake.zero_grad(set_to_none=True)
     loss_fake = torch.zeros((), device=device)
     nonfinite_fake = torch.zeros((), dtype=torch.long, device=device)
-    for rows in rt.rows:
-        if reuse:
-            x_g = x_g_kept.detach()
-        else:
-            with torch.no_grad():
-                x_g = rt.generator(_take(z_fake, rows), _take(cond.generator, rows))
-        loss, per_sample = rt.fake_loss(x_g, _take(sigma_fake, rows), _take(eps_fake, rows),
-                                        _take(cond.fake_train, rows), _take(w_fake, rows))
-        loss.backward(inputs=fake_params)
-        loss_fake = loss_fake + loss.detach()
-        nonfinite_fake = nonfinite_fake + (~torch.isfinite(per_sample)).sum()
+    with dropout_modes(state, "fake"):
+        for rows in rt.rows:
+            if reuse:
+                x_g = x_g_kept.detach()
+            else:
+                with torch.no_grad():
+                    x_g = rt.generator(_take(z_fake, rows), _take(cond.generator, rows))
+            loss, per_sample = rt.fake_loss(x_g, _take(sigma_fake, rows), _take(eps_fake, rows),
+                                            _take(cond.fake_train, rows), _take(w_fake, rows))
+            loss.backward(inputs=backward_inputs(fake_params))  # None under FSDP2
+            loss_fake = loss_fake + loss.detach()
+            nonfinite_fake = nonfinite_fake + (~torch.isfinite(per_sample)).sum()
     update_ok = faults.check_finite(loss_fake, fake_params, nonfinite_fake == n)
-    sanitize_grads(fake_params, None)
+    sanitize_grads(fake_params, cfg.fake_grad_clip_value)
     skipped_fake = faults.guarded_step(state, "fake", state.opt_fake, update_ok)
 
     # ---- generator step: SiD loss, teacher at override labels; input-only backward through phi, psi
@@ -291,13 +315,13 @@ def _step_body(state: SFDState, rt: _Runtime, cond: Conditions) -> dict[str, tor
     sum_forget = torch.zeros((), device=device)
     nonfinite_gen = torch.zeros((), dtype=torch.long, device=device)
     r_per = n_r // len(rt.rows)
-    with frozen(state.fake):
+    with dropout_modes(state, "gen"), frozen(state.fake):
         for rows in rt.rows:
             x_g = x_g_kept if reuse else rt.generator(_take(z_gen, rows), _take(cond.generator, rows))
             loss, per_sample = rt.gen_loss(x_g, _take(sigma_gen, rows), _take(eps_gen, rows),
                                            _take(cond.teacher, rows), _take(cond.generator, rows),
                                            _take(w_gen, rows))
-            loss.backward(inputs=gen_params)
+            loss.backward(inputs=backward_inputs(gen_params))
             finite = torch.isfinite(per_sample)
             clean = torch.where(finite, per_sample, torch.zeros_like(per_sample)).detach()
             loss_gen = loss_gen + loss.detach()
@@ -328,6 +352,8 @@ def _graph_step(state: SFDState, rt: _Runtime, cond: Conditions) -> dict[str, to
         rt.static_cond = Conditions(*(t.clone() for t in (cond.generator, cond.teacher, cond.fake_train)))
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(state.rng)  # replays draw fresh noise from the state's RNG
+        if state.dropout_rng is not None:
+            graph.register_generator_state(state.dropout_rng)  # and fresh dropout masks
         with torch.cuda.graph(graph):
             rt.static_metrics = _step_body(state, rt, rt.static_cond)
         rt.graph = graph  # capture recorded the step without running it; the replay below runs it

@@ -74,6 +74,8 @@ def _module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _rng_tensors(state) -> dict[str, torch.Tensor]:
     """Every rank's RNG states (gathered: all ranks must call this together)."""
     local = {"state": state.rng.get_state(), "torch_cpu": torch.get_rng_state()}
+    if getattr(state, "dropout_rng", None) is not None:  # config.train_dropout's mask generator
+        local["dropout"] = state.dropout_rng.get_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             local[f"cuda{i}"] = s
@@ -128,6 +130,7 @@ def save_checkpoint(state, root: str | os.PathLike, keep_last: int | None = None
     meta = {
         "format": FORMAT, "version": VERSION, "step": state.step, "images_seen": state.images_seen,
         "world_size": dist_utils.world_size(), "config": state.config.to_dict(), "optimizers": optimizers,
+        "lora": _lora_meta(state),
         "weights": {"file": WEIGHTS_FILE, **_record(blob)},
     }
     meta_bytes = json.dumps(meta, indent=1, sort_keys=True).encode()
@@ -151,6 +154,13 @@ def save_checkpoint(state, root: str | os.PathLike, keep_last: int | None = None
             shutil.rmtree(old, ignore_errors=True)
     dist_utils.barrier()
     return final
+
+
+def _lora_meta(state) -> dict | None:
+    """The state's LoRA mode (core/lora.py) as JSON, None for full fine-tuning. ``fused`` is left out: both
+    evaluations compute the same step, so a run may resume with the other one."""
+    lora = getattr(state, "lora", None)
+    return None if lora is None else {k: v for k, v in lora.to_dict().items() if k != "fused"}
 
 
 def _record(data: bytes) -> dict:
@@ -313,6 +323,12 @@ def _restore(path: Path, state, tensors: dict, meta: dict) -> dict:
                 if v != getattr(state.config, k)}
         raise CheckpointError(f"{str(path)!r} was written with a different config; (saved, current) per field: "
                               f"{diff}; resume with the saved config (state.json) or start a new run")
+    saved_lora, lora = meta.get("lora"), _lora_meta(state)
+    if saved_lora != (None if lora is None else json.loads(json.dumps(lora))):
+        def what(x):
+            return "full fine-tuning (no LoRA)" if x is None else f"LoRA {x}"
+        raise CheckpointError(f"{str(path)!r} was written with {what(saved_lora)}, this state has {what(lora)}; "
+                              "create the state with the same lora=LoRAConfig(...) (or none) to resume")
     world, r = dist_utils.world_size(), dist_utils.rank()
     if meta["world_size"] != world:
         raise CheckpointError(f"{str(path)!r} was written by {meta['world_size']} ranks, this run has {world}; "
@@ -329,6 +345,8 @@ def _restore(path: Path, state, tensors: dict, meta: dict) -> dict:
     if "state" not in rng or "torch_cpu" not in rng:
         raise CheckpointError(f"{str(path)!r} has no RNG state for rank {r}; nothing was loaded")
     current_rng = {"state": state.rng.get_state(), "torch_cpu": torch.get_rng_state()}
+    if getattr(state, "dropout_rng", None) is not None:
+        current_rng["dropout"] = state.dropout_rng.get_state()
     if torch.cuda.is_available():
         current_rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     for key, like in current_rng.items():
@@ -343,6 +361,8 @@ def _restore(path: Path, state, tensors: dict, meta: dict) -> dict:
     for name, sd in opt_dicts.items():
         getattr(state, name).load_state_dict(sd)
     state.rng.set_state(rng["state"])
+    if getattr(state, "dropout_rng", None) is not None and "dropout" in rng:
+        state.dropout_rng.set_state(rng["dropout"])
     torch.set_rng_state(rng["torch_cpu"])
     if torch.cuda.is_available():
         cuda = sorted((k for k in rng if k.startswith("cuda")), key=lambda k: int(k[4:]))
