@@ -185,3 +185,24 @@ def test_t2i_train_step(benchmark, pipeline_dir, bench_device, provider):
     info["hfu"] = counted / median / info["peak_flops"] if info["peak_flops"] and counted else None
     if "reference_fp32" in _MEDIANS:
         info["speedup_vs_reference"] = _MEDIANS["reference_fp32"] / median
+
+
+def test_t2i_train_step_interleaved(benchmark, pipeline_dir, bench_device):
+    """The providers' steps round-robin in one process (``_timing.interleaved``): the ratios to
+    quote. One benchmark round = one step of each; ``extra_info.interleaved`` holds each
+    provider's median, IQR and ratio to the reference over the rounds."""
+    names = ["reference_fp32", "fused_fp32", "fused_bf16_weights"]
+    states, options = {}, {}
+    for name in names:
+        t2i_options, preset = PROVIDERS[name]
+        torch.manual_seed(0)
+        pipe = load_t2i_pipeline(pipeline_dir, bench_device)
+        states[name] = build_t2i_state(pipe, SPEC, CONFIG, t2i_options, bench_device)
+        options[name] = step_options(preset, bench_device)
+    calls = {name: (lambda n=name: train_step(states[n], options=options[n])) for name in names}
+    sync = torch.cuda.synchronize if bench_device.type == "cuda" else None
+    result = _timing.interleaved(calls, rounds=5 if _timing.quick() else 11, warmup=1, sync=sync)
+    benchmark.pedantic(lambda: [c() for c in calls.values()], rounds=1, iterations=1)
+    benchmark.extra_info.update(interleaved=result, torch_threads=torch.get_num_threads(),
+                                batch_images=CONFIG.batch_size + CONFIG.forget_batch_size, pipeline=str(pipeline_dir))
+    _timing.print_interleaved("text-to-image train_step (mid pipeline, CFG 4.5)", result, torch.get_num_threads())

@@ -155,7 +155,7 @@ def test_train_step_interleaved(benchmark, setup, bench_device):
     warmup, rounds = ROUNDS[bench_device.type]
     if bench_device.type == "cuda":
         warmup = max(warmup, max(o.warmup_steps + 1 for o in options.values() if o is not None))
-    result = _timing.interleaved(calls, rounds=max(rounds, 7), warmup=warmup, sync=sync)
+    result = _timing.interleaved(calls, rounds=max(rounds, 15), warmup=warmup, sync=sync)
     benchmark.pedantic(lambda: [c() for c in calls.values()], rounds=1, iterations=1)
     benchmark.extra_info.update(interleaved=result, torch_threads=torch.get_num_threads(),
                                 options={n: None if o is None else o.to_dict() for n, o in options.items()},
