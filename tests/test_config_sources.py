@@ -22,6 +22,7 @@ from sfd_fast.core.config import SFD_PRESETS, field_docs, parse_overrides
 from sfd_fast.core.ema import ema_beta
 from sfd_fast.core.step_options import StepOptions
 from sfd_fast.models.unet import SeededDropout, set_training_dropout
+from step_asserts import assert_fused_equals_reference
 
 SOURCES = ("SiD EDM code", "SFD DDPM code", "SFD SD1.5 run", "ours: ")
 SMALL = dict(batch_size=4, forget_batch_size=2)
@@ -212,17 +213,7 @@ def test_dropout_run_is_repeated_by_its_seed_and_differs_from_no_dropout(tiny_te
 
 def test_fused_equals_reference_with_dropout_and_both_clips(tiny_teacher):
     cfg = SFDConfig(**SMALL, train_dropout=0.2, fake_grad_clip_value=1.0, grad_clip_value=1.0)
-    runs = []
-    for options in (None, StepOptions(fused=True)):
-        state = SFDState.create(cfg, copy.deepcopy(tiny_teacher))
-        runs.append((state, [train_step(state, options=options) for _ in range(3)]))
-    (ref, ref_m), (fast, fast_m) = runs
-    for r, f in zip(ref_m, fast_m):
-        for key in r:
-            torch.testing.assert_close(f[key].float(), r[key].float(), rtol=1e-6, atol=1e-6, msg=key)
-    for name in ("generator", "generator_ema", "fake"):
-        for a, b in zip(getattr(ref, name).parameters(), getattr(fast, name).parameters()):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    ref, fast = assert_fused_equals_reference(cfg, tiny_teacher)
     assert torch.equal(ref.dropout_rng.get_state(), fast.dropout_rng.get_state())
 
 

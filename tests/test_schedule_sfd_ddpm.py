@@ -20,6 +20,7 @@ from sfd_fast.core.losses import (ddpm_sigma_table, ddpm_training_sigma, edm_den
 from sfd_fast.core.substeps import fake_step_noise, generator_step_sigma
 from sfd_fast.core.step_options import StepOptions
 from sfd_fast.models.ddpm_schedule import log_sigma_table, timestep_of_sigma
+from step_asserts import assert_fused_equals_reference
 
 CFG = SFDConfig.from_name("sfd-ddpm").replace(batch_size=4, forget_batch_size=2)
 
@@ -144,17 +145,7 @@ def test_a_ddpm_teacher_on_the_same_schedule_sees_integer_timesteps():
 
 def test_fused_equals_reference_under_sfd_ddpm(tiny_teacher):
     """The whole sfd-ddpm preset (DDPM noise, eps-MSE, dropout 0.1, both clips, fixed EMA decay)."""
-    runs = []
-    for options in (None, StepOptions(fused=True)):
-        state = SFDState.create(CFG, copy.deepcopy(tiny_teacher))
-        runs.append((state, [train_step(state, options=options) for _ in range(3)]))
-    (ref, ref_m), (fast, fast_m) = runs
-    for r, f in zip(ref_m, fast_m):
-        for key in r:
-            torch.testing.assert_close(f[key].float(), r[key].float(), rtol=1e-6, atol=1e-6, msg=key)
-    for name in ("generator", "generator_ema", "fake"):
-        for a, b in zip(getattr(ref, name).parameters(), getattr(fast, name).parameters()):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    ref, fast = assert_fused_equals_reference(CFG, tiny_teacher)
     start = SFDState.create(CFG, copy.deepcopy(tiny_teacher))
     assert any(not torch.equal(a, b) for a, b in zip(start.generator.parameters(), fast.generator.parameters()))
 

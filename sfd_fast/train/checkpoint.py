@@ -312,8 +312,8 @@ def _rng_is_usable(t: torch.Tensor, like: torch.Tensor) -> bool:
     return t.dtype == torch.uint8 and t.shape == like.shape
 
 
-def _restore(path: Path, state, tensors: dict, meta: dict) -> dict:
-    """load_checkpoint after read_checkpoint: every check first, then mutate ``state``."""
+def check_saved_config(path: Path, meta: dict, state, meta_file: str = META_FILE) -> None:
+    """CheckpointError naming each differing field unless the checkpoint's config is ``state.config``."""
     try:
         saved_cfg = SFDConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as exc:
@@ -322,7 +322,12 @@ def _restore(path: Path, state, tensors: dict, meta: dict) -> dict:
         diff = {k: (v, getattr(state.config, k)) for k, v in saved_cfg.to_dict().items()
                 if v != getattr(state.config, k)}
         raise CheckpointError(f"{str(path)!r} was written with a different config; (saved, current) per field: "
-                              f"{diff}; resume with the saved config (state.json) or start a new run")
+                              f"{diff}; resume with the saved config ({meta_file}) or start a new run")
+
+
+def _restore(path: Path, state, tensors: dict, meta: dict) -> dict:
+    """load_checkpoint after read_checkpoint: every check first, then mutate ``state``."""
+    check_saved_config(path, meta, state)
     saved_lora, lora = meta.get("lora"), _lora_meta(state)
     if saved_lora != (None if lora is None else json.loads(json.dumps(lora))):
         def what(x):

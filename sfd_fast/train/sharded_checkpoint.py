@@ -45,7 +45,6 @@ from pathlib import Path
 import torch
 
 from ..core import faults
-from ..core.config import SFDConfig
 from ..io.atomic import CheckpointError, atomic_write_bytes
 from . import checkpoint as plain
 from . import distributed as dist_utils
@@ -331,15 +330,7 @@ def load_sharded_checkpoint(path: str | os.PathLike, state, allow_reshard: bool 
 
     path = Path(path)
     meta = read_metadata(path)
-    try:
-        saved_cfg = SFDConfig.from_dict(meta["config"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{str(path)!r}: its config is not valid ({exc}); nothing was loaded") from exc
-    if saved_cfg != state.config:
-        diff = {k: (v, getattr(state.config, k)) for k, v in saved_cfg.to_dict().items()
-                if v != getattr(state.config, k)}
-        raise CheckpointError(f"{str(path)!r} was written with a different config; (saved, current) per field: "
-                              f"{diff}; resume with the saved config ({META_FILE}) or start a new run")
+    plain.check_saved_config(path, meta, state, META_FILE)
     world, rank = dist_utils.world_size(), dist_utils.rank()
     if meta["world_size"] != world and not allow_reshard:
         raise CheckpointError(f"{str(path)!r} was written by {meta['world_size']} ranks, this run has {world}, and "
