@@ -3,7 +3,8 @@ are clear errors, adapters save in PEFT's format and a LoRA generator saves as a
 
 Tolerances (fp32, CPU): the fused call runs every base layer on 2B rows instead of B, so per-row
 results may differ by the reduction order of a batched kernel: values and input gradients within
-1e-6 of each other relative to their largest entry (measured here: bit-identical), a generator
+1e-5 of each other relative to their largest entry (measured: bit-identical to 6e-7 at 1 thread, 1.6e-6
+at 2 threads with CFG; see VALUE_RTOL), a generator
 step's weight gradients within 1e-5 relative L2 (measured 0 to ~1e-7).
 """
 
@@ -26,7 +27,10 @@ from sfd_fast.core.step_options import StepOptions  # noqa: E402
 
 CONFIG = SFDConfig(batch_size=4, forget_batch_size=2, lr_gen=1e-3, lr_fake=1e-3, lambda_g=1.0, lambda_sg=1.0)
 LORA = LoRAConfig(rank=4)
-VALUE_RTOL = 1e-6
+# One 2B call vs two B calls in fp32: the same arithmetic, but the convolution/matmul kernels block
+# a batch of 2B differently from B, so sums run in another order. Measured 4.7e-7..6.4e-7 at 1 thread,
+# 1.6e-6 at 2 threads with CFG 4.5 (uncond + 4.5 (cond - uncond) scales rounding by ~10): limit 1e-5.
+VALUE_RTOL = 1e-5
 GRAD_REL_L2 = 1e-5
 
 
