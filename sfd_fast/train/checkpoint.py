@@ -325,6 +325,17 @@ def check_saved_config(path: Path, meta: dict, state, meta_file: str = META_FILE
                               f"{diff}; resume with the saved config ({meta_file}) or start a new run")
 
 
+def set_rng_states(state, rng: dict[str, torch.Tensor]) -> None:
+    """Put this rank's saved RNG states (``_rng_tensors``' keys) back: state, dropout, torch CPU, CUDA."""
+    state.rng.set_state(rng["state"])
+    if getattr(state, "dropout_rng", None) is not None and "dropout" in rng:
+        state.dropout_rng.set_state(rng["dropout"])
+    torch.set_rng_state(rng["torch_cpu"])
+    cuda = sorted((k for k in rng if k.startswith("cuda")), key=lambda k: int(k[4:]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[k] for k in cuda])
+
+
 def _restore(path: Path, state, tensors: dict, meta: dict) -> dict:
     """load_checkpoint after read_checkpoint: every check first, then mutate ``state``."""
     check_saved_config(path, meta, state)
@@ -365,13 +376,7 @@ def _restore(path: Path, state, tensors: dict, meta: dict) -> dict:
         dist_utils.unwrap(getattr(state, mod)).load_state_dict({k: v.to(device) for k, v in sd.items()})
     for name, sd in opt_dicts.items():
         getattr(state, name).load_state_dict(sd)
-    state.rng.set_state(rng["state"])
-    if getattr(state, "dropout_rng", None) is not None and "dropout" in rng:
-        state.dropout_rng.set_state(rng["dropout"])
-    torch.set_rng_state(rng["torch_cpu"])
-    if torch.cuda.is_available():
-        cuda = sorted((k for k in rng if k.startswith("cuda")), key=lambda k: int(k[4:]))
-        torch.cuda.set_rng_state_all([rng[k] for k in cuda])
+    set_rng_states(state, rng)
     fault_tensors = {k[len("faults/"):]: v for k, v in tensors.items() if k.startswith("faults/")}
     faults.monitor(state).load_tensors(fault_tensors)
     state.step, state.images_seen = int(meta["step"]), int(meta["images_seen"])

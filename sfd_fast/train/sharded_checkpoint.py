@@ -367,14 +367,7 @@ def load_sharded_checkpoint(path: str | os.PathLike, state, allow_reshard: bool 
         set_optimizer_state_dict(dist_utils.unwrap(getattr(state, mod)), getattr(state, name), sd)
     step = int(meta["step"])
     if same_world:
-        state.rng.set_state(rng["state"])
-        if getattr(state, "dropout_rng", None) is not None and "dropout" in rng:
-            state.dropout_rng.set_state(rng["dropout"])
-        torch.set_rng_state(rng["torch_cpu"])
-        if torch.cuda.is_available():
-            cuda = sorted((k for k in rng if k.startswith("cuda")), key=lambda k: int(k[4:]))
-            if cuda:
-                torch.cuda.set_rng_state_all([rng[k] for k in cuda])
+        plain.set_rng_states(state, rng)
     else:
         seed = resume_seed(state.config.seed, step, rank)
         state.rng.manual_seed(seed)
