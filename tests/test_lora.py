@@ -261,3 +261,33 @@ def test_missing_peft_is_a_clear_error(tiny_teacher, monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)  # as if peft were not installed: its import raises
     with pytest.raises(ImportError, match=r"LoRA mode needs the peft library .*pip install peft"):
         SFDState.create(CONFIG, tiny_teacher, lora=LORA)
+
+
+def test_cli_distill_lora_saves_a_stock_generator_and_peft_adapters_and_resumes(tiny_teacher, tmp_path, capsys):
+    """`sfd-fast distill --lora-rank R`: the generator folder loads in stock diffusers, the adapters in PEFT,
+    train_log.json records the LoRA config, a checkpointed run resumes, and a rerun replaces our own folders."""
+    import json
+
+    from diffusers import UNet2DModel
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from sfd_fast.cli.main import main
+    from sfd_fast.models.networks import save_denoiser
+
+    save_denoiser(tiny_teacher, tmp_path / "teacher")
+    out = tmp_path / "out"
+    argv = ["distill", "--teacher", str(tmp_path / "teacher"), "--out", str(out), "--no-progress",
+            "--set", "batch_size=2", "--set", "forget_batch_size=1", "--set", "lr_fake=3e-3",
+            "--lora-rank", "4", "--lora-generator", "--checkpoint-every", "1"]
+    assert main([*argv, "--steps", "1"]) == 0, capsys.readouterr().err
+    assert main([*argv, "--steps", "2", "--resume"]) == 0, capsys.readouterr().err  # continues from step 1
+    log = json.loads((out / "train_log.json").read_text())
+    assert LoRAConfig.from_dict(log["lora"]) == LoRAConfig(rank=4, generator=True)
+    assert [entry["step"] for entry in log["log"]][-1] == 2
+    UNet2DModel.from_pretrained(out / "generator" / "unet")  # stock diffusers, no peft keys
+    for name in ("fake", "generator"):
+        weights = load_file(out / "adapters" / name / "adapter_model.safetensors")
+        assert any(".lora_B." in k and float(v.abs().max()) > 0 for k, v in weights.items()), name  # it trained
+    PeftModel.from_pretrained(copy.deepcopy(tiny_teacher.unet), str(out / "adapters" / "fake"))
+    assert main([*argv, "--steps", "1", "--checkpoint-dir", str(tmp_path / "ck2")]) == 0  # our folders: replaced

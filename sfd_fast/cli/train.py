@@ -56,10 +56,47 @@ def add_parsers(sub) -> None:
     add_step_args(p, log_every=25)
     add_resilience_args(p)
     add_distributed_arg(p)
+    _add_lora_args(p)
     add_forget_args(p)
     add_overwrite_arg(p, "--out's generator/")
     add_common(p)
     p.set_defaults(handler=run_distill)
+
+
+def _add_lora_args(p) -> None:
+    g = p.add_argument_group("LoRA mode (needs peft; docs/lora.md)")
+    g.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                   help="fake score = teacher + a rank-R PEFT LoRA adapter, and the teacher and fake-score "
+                        "evaluations of the generator step run as one batched call (default: off, full "
+                        "fine-tuning). The adapter starts at zero: raise lr_fake with it (on the demo, rank 16 "
+                        "needed --set lr_fake=3e-3, 10x the preset; at 3e-4 the forget class collapsed)")
+    g.add_argument("--lora-alpha", type=float, default=None, metavar="A",
+                   help="LoRA alpha (scale A/R; default: = rank, scale 1)")
+    g.add_argument("--lora-generator", action="store_true",
+                   help="G = teacher + LoRA too (same rank; reference step options only). The saved generator "
+                        "is the EMA of G's merged weights, a plain diffusers model either way")
+
+
+def _lora_config(args):
+    """``LoRAConfig`` from --lora-*, None without --lora-rank; ValueError for what LoRA mode cannot run."""
+    if args.lora_rank is None:
+        if args.lora_alpha is not None or args.lora_generator:
+            raise ValueError("--lora-alpha and --lora-generator need --lora-rank R (LoRA mode is off without it)")
+        return None
+    from ..core.lora import LoRAConfig, require_peft
+
+    lora = LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, generator=args.lora_generator)
+    if under_torchrun() or args.distributed == "fsdp":
+        raise ValueError("--lora-rank does not run distributed yet (train/distributed.py wraps the teacher and "
+                         "the fake score as two networks; in LoRA mode they are one); run it in one process")
+    if lora.generator and args.step_options != "reference":
+        raise ValueError(f"--lora-generator runs with --step-options reference only, got {args.step_options!r} "
+                         "(the fused step's EMA pairs G's parameters one to one; a LoRA G averages merged weights)")
+    try:
+        require_peft()
+    except ImportError as exc:
+        raise ValueError(str(exc)) from None
+    return lora
 
 
 def run_pretrain_teacher(args) -> int:
@@ -127,9 +164,12 @@ def run_distill(args) -> int:
     if args.keep_last < 1:
         raise ValueError(f"--keep-last must be >= 1, got {args.keep_last}")
     check_step_args(args)
+    lora = _lora_config(args)
     join_group = check_distributed(args)
     check_writable_dir(args.out)  # refuse now, not after training
     check_replaceable(args.out / "generator", "--out", args.overwrite)
+    if lora is not None:
+        check_replaceable(args.out / "adapters", "--out", args.overwrite)
     if args.checkpoint_dir is not None:
         check_writable_dir(args.checkpoint_dir, "--checkpoint-dir")
     config = sfd_config(args)
@@ -143,7 +183,7 @@ def run_distill(args) -> int:
         device = distributed.init_from_env("gloo" if args.device == "cpu" else "nccl", one_rank_group=True)
     state = None
     try:
-        state = SFDState.create(config, load_denoiser(args.teacher, device), device)
+        state = SFDState.create(config, load_denoiser(args.teacher, device), device, lora=lora)
         distributed.distribute_state(state, args.distributed)
         root = (args.checkpoint_dir or args.out / "checkpoints") if resilient else None
         say = print if distributed.is_main() else (lambda *a, **k: None)
@@ -183,7 +223,12 @@ def run_distill(args) -> int:
             save_generator(ema, args.out / "generator", record=record,  # with its model card
                            overwrite=args.overwrite)
             write_json(config.to_dict(), args.out / "config.json")
-            write_json({"log": result.log, "step_options": args.step_options}, args.out / "train_log.json")
+            write_json({"log": result.log, "step_options": args.step_options,
+                        "lora": None if lora is None else lora.to_dict()}, args.out / "train_log.json")
+            if lora is not None:  # the adapters themselves, in PEFT's format (the generator folder is merged)
+                from ..core.lora import save_adapters
+
+                save_adapters(state, args.out / "adapters", overwrite=args.overwrite)
             say(f"saved generator to {args.out / 'generator'}" + (f"; checkpoint {result.checkpoint}" if root else ""))
         return 0
     finally:

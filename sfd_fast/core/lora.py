@@ -36,6 +36,8 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -392,14 +394,31 @@ def save_adapter(denoiser: nn.Module, adapter: str, path: str | os.PathLike) -> 
     return path
 
 
-def save_adapters(state, path: str | os.PathLike) -> dict[str, Path]:
-    """The state's adapters as PEFT folders ``path/fake`` (and ``path/generator`` with a LoRA G)."""
+def save_adapters(state, path: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
+    """The state's adapters as PEFT folders ``path/fake`` (and ``path/generator`` with a LoRA G).
+
+    Written to a temp folder and moved onto ``path`` (``io.atomic.replace_dir``: never half-written,
+    never over a folder this library did not write unless ``overwrite``); ``path/sfd_fast.json``
+    marks it as ours and records the LoRA config.
+    """
+    from ..io.atomic import OWN_FOLDER_MARKER, replace_dir, write_json
+
     if getattr(state, "lora", None) is None:
         raise ValueError("this state has no LoRA adapters (created without lora=LoRAConfig(...))")
-    out = {FAKE_ADAPTER: save_adapter(state.fake, FAKE_ADAPTER, Path(path) / FAKE_ADAPTER)}
-    if state.lora.generator:
-        out[GENERATOR_ADAPTER] = save_adapter(state.generator.denoiser, GENERATOR_ADAPTER, Path(path) / GENERATOR_ADAPTER)
-    return out
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_adapter(state.fake, FAKE_ADAPTER, tmp / FAKE_ADAPTER)
+        if state.lora.generator:
+            save_adapter(state.generator.denoiser, GENERATOR_ADAPTER, tmp / GENERATOR_ADAPTER)
+        write_json({"kind": "lora-adapters", "lora": state.lora.to_dict()}, tmp / OWN_FOLDER_MARKER)
+        replace_dir(tmp, path, overwrite)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    names = (FAKE_ADAPTER, GENERATOR_ADAPTER) if state.lora.generator else (FAKE_ADAPTER,)
+    return {name: path / name for name in names}
 
 
 def state_bytes(state) -> dict[str, int]:

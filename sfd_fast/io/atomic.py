@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def check_replaceable(path: str | os.PathLike, what: str = "--out", overwrite: b
 
     Allowed: nothing there, an empty folder, or a folder this library wrote (it holds
     ``sfd_fast.json``); with ``overwrite``, any folder. Never a file. Checked before training
-    (the CLI) and again right before the old folder is replaced (``_replace_dir``).
+    (the CLI) and again right before the old folder is replaced (``replace_dir``).
     """
     path = Path(path)
     if not path.exists() and not path.is_symlink():
@@ -68,6 +69,21 @@ def check_replaceable(path: str | os.PathLike, what: str = "--out", overwrite: b
     raise ValueError(f"{what} {str(path)!r} is a non-empty folder that sfd_fast did not write (no "
                      f"{OWN_FOLDER_MARKER}); refusing to replace it - choose another path, or pass {flag} "
                      "to replace it and everything in it")
+
+
+def replace_dir(tmp: Path, path: Path, overwrite: bool = False) -> None:
+    """Move a finished temp directory onto ``path`` so readers never see a half-written one.
+
+    Replaces only what this library wrote (``check_replaceable``): a user's folder is never deleted.
+    """
+    check_replaceable(path, "the model folder", overwrite=overwrite)
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:

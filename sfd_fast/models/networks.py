@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io.atomic import CheckpointError, check_replaceable, read_json_object
+from ..io.atomic import CheckpointError, check_replaceable, read_json_object, replace_dir
 from .ddpm_schedule import log_sigma_table, timestep_of_sigma
 from .unet import _require_class_conditioning, unet_image_shape
 
@@ -195,21 +195,6 @@ class OneStepGenerator(nn.Module):
 
 # --------------------------------------------------------------------------- persistence
 
-def _replace_dir(tmp: Path, path: Path, overwrite: bool = False) -> None:
-    """Move a finished temp directory onto ``path`` so readers never see a half-written one.
-
-    Replaces only what this library wrote (``check_replaceable``): a user's folder is never deleted.
-    """
-    check_replaceable(path, "the model folder", overwrite=overwrite)
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def save_denoiser(denoiser: nn.Module, path: str | os.PathLike, extra_meta: dict | None = None,
                   overwrite: bool = False) -> Path:
     """Save weights (safetensors) + configs (JSON) to a directory, atomically.
@@ -232,7 +217,7 @@ def save_denoiser(denoiser: nn.Module, path: str | os.PathLike, extra_meta: dict
         else:
             raise TypeError(f"save_denoiser expects an EDMDenoiser or DDPMDenoiser, got {type(denoiser).__name__}")
         (tmp / DENOISER_META).write_text(json.dumps({**meta, **(extra_meta or {})}, indent=2))
-        _replace_dir(tmp, path, overwrite)
+        replace_dir(tmp, path, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -306,7 +291,7 @@ def save_generator(generator: OneStepGenerator, path: str | os.PathLike, record=
             meta["sigma_data"] = denoiser.sigma_data
         (tmp / DENOISER_META).write_text(json.dumps(meta, indent=2))
         _class_generator_card(generator, pipeline, record or RunRecord()).write(tmp)
-        _replace_dir(tmp, path, overwrite)
+        replace_dir(tmp, path, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

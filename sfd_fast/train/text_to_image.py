@@ -24,10 +24,10 @@ from ..core.config import SFDConfig
 from ..core.master_weights import use_master_weights
 from ..core.prompts import ConceptSpec, PromptConditions
 from ..core.state import SFDState
-from ..io.atomic import CheckpointError
+from ..io.atomic import CheckpointError, replace_dir
 from ..models.flow_denoiser import FlowDenoiser, FlowOneStepGenerator, one_step_flow_scheduler
 from ..models.model_card import ModelCard, RunRecord
-from ..models.networks import OneStepGenerator, _replace_dir
+from ..models.networks import OneStepGenerator
 from ..models.sd_pipeline import T2IPipeline, load_t2i_pipeline
 
 GENERATOR_META = "sfd_fast.json"
@@ -148,7 +148,7 @@ def save_t2i_generator(generator: OneStepGenerator, pipeline_dir: str | os.PathL
             meta["call_kwargs"] = call_kwargs
         (tmp / GENERATOR_META).write_text(json.dumps(meta, indent=2))
         _t2i_card(generator, index, meta, record or RunRecord(teacher=str(pipeline_dir))).write(tmp)
-        _replace_dir(tmp, out, overwrite)
+        replace_dir(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
