@@ -25,3 +25,14 @@ def assert_fused_equals_reference(cfg, teacher, steps: int = 3):
         for a, b in zip(getattr(ref, name).parameters(), getattr(fast, name).parameters()):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     return ref, fast
+
+
+def adam_noise_envelope(cfg, steps: int) -> float:
+    """Largest difference two runs can put on one weight in ``steps`` Adam steps (beta1 = 0), whatever
+    its gradients: with no momentum |step_t| = lr |g_t| / sqrt(v_t / (1 - beta2^t)) and v_t >= (1 - beta2) g_t^2,
+    so |step_t| <= lr sqrt((1 - beta2^t) / (1 - beta2)); two runs of opposite sign: twice the sum. For the
+    weights whose gradient is pure rounding noise (attention key biases: softmax ignores q.b_k)."""
+    beta1, beta2 = cfg.adam_betas
+    assert beta1 == 0, "the bound is for Adam without momentum (SiD's betas (0, 0.999))"
+    lr = max(cfg.lr_gen, cfg.lr_fake)
+    return 2 * lr * sum(((1 - beta2 ** t) / (1 - beta2)) ** 0.5 for t in range(1, steps + 1)) * (1 + 1e-6)
