@@ -21,7 +21,7 @@ def test_compare_runs_every_method_and_writes_table_plots_and_grids(tmp_path, ti
                "--out", str(out), "--distill-steps", "1", "--finetune-steps", "1", "--finetune-batch", "2",
                "--robust-inner-steps", "1", "--teacher-steps", "2", "--attack-steps", "1", "--attack-samples", "2",
                "--attack-sampler-steps", "1", "--per-class", "3", "--set", "batch_size=2",
-               "--set", "forget_batch_size=2", "--no-progress"])
+               "--set", "forget_batch_size=2", "--fid-features", "classifier", "--train-seeds", "0", "--no-progress"])
     assert rc == 0
     rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
     assert list(rows) == list(METHODS)
@@ -55,3 +55,29 @@ def test_report_marks_missing_values_and_names_the_fid_features():
     table = markdown_table([row])
     assert "FID (inception (ONNX))" in table
     assert table.splitlines()[-1].split(" | ")[7] == "–"  # retention vs SiD: not run
+
+
+def test_two_training_seeds_give_mean_spread_and_the_sid_noise_floor(tmp_path, tiny_teacher):
+    save_denoiser(tiny_teacher, tmp_path / "teacher")
+    small_classifier().save(tmp_path / "clf.safetensors")
+    out = tmp_path / "cmp"
+    rc = main(["compare", "--teacher", str(tmp_path / "teacher"), "--classifier", str(tmp_path / "clf.safetensors"),
+               "--out", str(out), "--methods", "teacher,sid,esd", "--distill-steps", "2", "--finetune-steps", "1",
+               "--finetune-batch", "2", "--teacher-steps", "2", "--attack-steps", "1", "--attack-samples", "2",
+               "--attack-sampler-steps", "1", "--per-class", "3", "--set", "batch_size=2", "--set",
+               "forget_batch_size=2", "--fid-features", "classifier", "--train-seeds", "0,1", "--no-progress"])
+    assert rc == 0
+    report = json.loads((out / "compare.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    sid = rows["sid"]
+    per_seed = [sid["seeds"][s]["fid"] for s in ("0", "1")]
+    assert per_seed[0] != per_seed[1]  # the seed reaches training
+    assert sid["fid"] == pytest.approx(sum(per_seed) / 2) and sid["fid_spread"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2)
+    assert rows["teacher"]["fid_spread"] == 0.0  # the teacher does not train: evaluation noise is fixed
+    floor = report["meta"]["noise_floor"]
+    assert floor["seeds"] == [0, 1] and floor["sid_retention_seed_vs_seed"] > 0
+    assert [p["step"] for p in sid["seeds"]["0"]["train_log"]["curve"]] == [1, 2]
+    md = (out / "compare.md").read_text()
+    assert "Noise floor, plain SiD seed against seed" in md and " ± " in md
+    with pytest.raises(SystemExit):
+        main(["compare", "--train-seeds", "0,0"])

@@ -29,9 +29,9 @@ def add_forget_args(p: argparse.ArgumentParser) -> None:
                         "per sample (default: 1)")
 
 
-def add_common(p: argparse.ArgumentParser) -> None:
+def add_common(p: argparse.ArgumentParser, seed: int = 0) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--seed", type=int, default=seed, help=f"random seed (default: {seed})")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

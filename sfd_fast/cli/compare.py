@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..eval.compare import CompareConfig, run_compare
+from ..eval.compare import CompareConfig, run_compare_seeds
 from ..eval.evaluate import class_grid
 from ..eval.report import markdown_table, write_report
 from .args import add_common, add_forget_args, add_sfd_config_args, sfd_config
@@ -29,17 +30,27 @@ def environment() -> str:
             f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
 
 
-def compare_main(teacher_dir, classifier_path, out: Path, cfg: CompareConfig, *, real_split: str = "test",
-                 inception_onnx: Path | None = None, device: str = "cpu", progress: bool = True) -> list[dict]:
+def compare_main(teacher_dir, classifier_path, out: Path, cfg: CompareConfig, *, seeds: tuple[int, ...] = (0,),
+                 real_split: str = "test", fid_features: str = "lenet", inception_onnx: Path | None = None,
+                 device: str = "cpu", progress: bool = True) -> list[dict]:
     from ..eval.classifier import DigitClassifier
-    from ..eval.fid import OnnxFeatures
+    from ..eval.fid import ClassifierFeatures, OnnxFeatures
+    from ..eval.fid_network import independent_features
     from ..io.data import load_embedded_mnist
     from ..models.networks import load_denoiser
 
     teacher = load_denoiser(teacher_dir, device)
     classifier = DigitClassifier.load(classifier_path, device).requires_grad_(False)
     images, labels = load_embedded_mnist(real_split, teacher.image_shape[-1])
-    features = OnnxFeatures(inception_onnx) if inception_onnx is not None else None
+    if inception_onnx is not None:
+        features = OnnxFeatures(inception_onnx)
+    elif fid_features == "lenet":
+        if tuple(teacher.image_shape) != LENET_SHAPE:
+            raise ValueError(f"--fid-features lenet reads {LENET_SHAPE} digits; the teacher makes "
+                             f"{tuple(teacher.image_shape)} images: pass --fid-features classifier or --inception-onnx")
+        features = independent_features(device=device)
+    else:
+        features = ClassifierFeatures(classifier)
     out.mkdir(parents=True, exist_ok=True)
     last = {}
 
@@ -48,18 +59,33 @@ def compare_main(teacher_dir, classifier_path, out: Path, cfg: CompareConfig, *,
             last[method] = i
             print(f"  {method}: {i}/{n}", file=sys.stderr, flush=True)
 
-    def grid(method, trained):
-        class_grid(trained.sampler, teacher.num_classes, 8, teacher.image_shape, out / f"samples_{method}.png",
-                   device=device)
+    def grid(method, seed, trained):  # the first seed's samples, one grid per method
+        if seed == seeds[0]:
+            class_grid(trained.sampler, teacher.num_classes, 8, teacher.image_shape, out / f"samples_{method}.png",
+                       device=device)
 
-    rows = run_compare(teacher, classifier, images.to(device), labels.to(device), cfg, features=features,
-                       progress=report, on_trained=grid)
+    rows, floor = run_compare_seeds(teacher, classifier, images.to(device), labels.to(device), cfg, list(seeds),
+                                    features=features, progress=report, on_trained=grid)
     meta = {"command": "sfd-fast " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("sfd-fast") else
             shlex.join(sys.argv), "config": cfg.to_dict(), "environment": environment(),
-            "real_split": real_split, "teacher": str(teacher_dir), "classifier": str(classifier_path)}
+            "real_split": real_split, "teacher": str(teacher_dir), "classifier": str(classifier_path),
+            "noise_floor": floor}
     write_report(rows, meta, out)
     print(markdown_table(rows))
     return rows
+
+
+LENET_SHAPE = (1, 16, 16)  # what the embedded independent FID network reads
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds like 0,1, got {text!r}")
+    return seeds
 
 
 def add_parsers(sub) -> None:
@@ -88,8 +114,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--attack-sampler-steps", type=int, default=3,
                    help="differentiable Heun steps when attacking diffusion rows (default: 3)")
     p.add_argument("--per-class", type=int, default=50, help="evaluation samples per class (default: 50)")
+    p.add_argument("--train-seeds", type=_seeds, default=(0, 1), metavar="S[,S..]",
+                   help="training seeds; every method runs once per seed and the table shows mean ± half the "
+                        "range, with plain SiD seed-vs-seed as the noise floor; --seed fixes the evaluation "
+                        "noise and the attack (default: 0,1)")
+    p.add_argument("--fid-features", default="lenet", choices=["lenet", "classifier"],
+                   help="FID feature space: the independent LeNet nothing was tuned on (16x16 digits; "
+                        "sfd_fast/eval/fid_network.py) or the evaluation classifier's (default: lenet)")
     p.add_argument("--inception-onnx", type=Path, default=None,
-                   help="local ONNX feature network for FID (e.g. Inception pool3); default: classifier features")
+                   help="local ONNX feature network for FID (e.g. Inception pool3); overrides --fid-features")
     add_forget_args(p)
     add_common(p)
     p.set_defaults(handler=run)
@@ -116,6 +149,7 @@ def run(args) -> int:
                             batch_size=args.attack_batch, eval_samples=args.attack_samples, seed=args.seed),
         attack_sampler_steps=args.attack_sampler_steps, per_class=args.per_class, seed=args.seed)
     compare_main(args.teacher or TEACHER_DIR, args.classifier or CLASSIFIER_FILE, args.out, cfg,
-                 inception_onnx=args.inception_onnx, device=args.device, progress=not args.no_progress)
+                 seeds=args.train_seeds, fid_features=args.fid_features, inception_onnx=args.inception_onnx,
+                 device=args.device, progress=not args.no_progress)
     print(f"wrote {args.out}/compare.md, compare.json, compare.csv, compare.png, samples_*.png")
     return 0

@@ -36,6 +36,17 @@ def add_parsers(sub) -> None:
     add_common(p)
     p.set_defaults(handler=run_train_classifier)
 
+    p = sub.add_parser("train-fid-network", help="train the independent FID feature network on the embedded data",
+                       description="Train the LeNet whose 256 features quality (FID, feature variance) is reported "
+                                   "in. Nothing is trained, tuned or selected on it (sfd_fast/eval/fid_network.py); "
+                                   "the embedded one is sfd_fast/assets/fid_lenet.safetensors.")
+    p.add_argument("--out", type=Path, required=True, help="output .safetensors file")
+    p.add_argument("--resolution", type=int, default=16, help="image side (default: 16)")
+    p.add_argument("--epochs", type=int, default=6, help="training epochs (default: 6)")
+    add_overwrite_arg(p, "--out")
+    add_common(p, seed=1)
+    p.set_defaults(handler=run_train_fid_network)
+
     p = sub.add_parser("distill", help="run SFD on a teacher from a local directory",
                        description="Distil a class-conditional teacher (--teacher: a directory written by "
                                    "pretrain-teacher/save_denoiser, or a diffusers DDPM pipeline with unet/ and "
@@ -137,6 +148,26 @@ def run_train_classifier(args) -> int:
     accuracy = (model.predict(test_x) == test_y).float().mean().item()
     model.save(args.out)
     print(f"saved classifier to {args.out}; test accuracy {accuracy:.4f} on {len(test_y)} held-out digits")
+    return 0
+
+
+def run_train_fid_network(args) -> int:
+    from ..eval.fid_network import train_fid_network
+    from ..io.data import load_embedded_mnist
+
+    if args.out.suffix != ".safetensors":
+        raise ValueError(f"--out must name a .safetensors file, got {str(args.out)!r}")
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.out.exists() and not args.overwrite:
+        raise ValueError(f"--out {str(args.out)!r} exists; pass --overwrite to replace it")
+    check_writable_dir(args.out.parent)
+    images, labels = load_embedded_mnist("train", args.resolution)
+    model = train_fid_network(images, labels, epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+    test_x, test_y = load_embedded_mnist("test", args.resolution)
+    accuracy = (model.predict(test_x) == test_y).float().mean().item()
+    model.save(args.out)
+    print(f"saved FID network to {args.out}; test accuracy {accuracy:.4f} on {len(test_y)} held-out digits")
     return 0
 
 

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -401,13 +400,12 @@ def save_adapters(state, path: str | os.PathLike, overwrite: bool = False) -> di
     never over a folder this library did not write unless ``overwrite``); ``path/sfd_fast.json``
     marks it as ours and records the LoRA config.
     """
-    from ..io.atomic import OWN_FOLDER_MARKER, replace_dir, write_json
+    from ..io.atomic import OWN_FOLDER_MARKER, replace_dir, staging_dir, write_json
 
     if getattr(state, "lora", None) is None:
         raise ValueError("this state has no LoRA adapters (created without lora=LoRAConfig(...))")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = staging_dir(path)
     try:
         save_adapter(state.fake, FAKE_ADAPTER, tmp / FAKE_ADAPTER)
         if state.lora.generator:

@@ -133,19 +133,25 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 8, batch_size: int = 128,
-                     lr: float = 2e-3, seed: int = 0, progress: bool = True) -> DigitClassifier:
-    """Train on (N, C, H, W) images in [-1, 1] with AdamW + cosine decay; returns it in eval mode."""
+                     lr: float = 2e-3, seed: int = 0, progress: bool = True, model: nn.Module | None = None,
+                     augment: bool = True, desc: str = "classifier") -> nn.Module:
+    """Train on (N, C, H, W) images in [-1, 1] with AdamW + one-cycle decay; returns it in eval mode.
+
+    ``model``: any module mapping images to logits (default: a new DigitClassifier for these images).
+    """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = DigitClassifier(images.shape[1], int(labels.max()) + 1, resolution=images.shape[-1])
+    if model is None:
+        model = DigitClassifier(images.shape[1], int(labels.max()) + 1, resolution=images.shape[-1])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps = epochs * math.ceil(len(images) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    bar = tqdm(total=steps, desc="classifier", disable=not progress)
+    bar = tqdm(total=steps, desc=desc, disable=not progress)
     for _ in range(epochs):
         order = torch.randperm(len(images), generator=gen)
         for idx in order.split(batch_size):
-            loss = F.cross_entropy(model(_augment(images[idx], gen)), labels[idx])
+            x = _augment(images[idx], gen) if augment else images[idx]
+            loss = F.cross_entropy(model(x), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

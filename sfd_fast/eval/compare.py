@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -90,29 +90,36 @@ def train_method(method: str, teacher: nn.Module, cfg: CompareConfig, spec: Forg
         return Trained(_heun(teacher, cfg.teacher_steps), heun_nfe(cfg.teacher_steps), target, 0.0)
     if method in ONE_STEP:
         state = (plain_sid_state(cfg.sfd, teacher) if method == "sid" else SFDState.create(cfg.sfd, teacher))
-        for i in range(cfg.distill_steps):
-            metrics = robust_sfd_step(state, cfg.robust) if method == "robust_sfd" else train_step(state)
-            if progress:
-                progress(method, i + 1, cfg.distill_steps)
+        step = (lambda: robust_sfd_step(state, cfg.robust)) if method == "robust_sfd" else (lambda: train_step(state))
+        curve = _train(method, step, cfg.distill_steps, progress)
         generator = state.generator_ema.eval().requires_grad_(False)
-        last = {k: float(v) for k, v in metrics.items()}
-        return Trained(generator, 1, AttackTarget.for_generator(generator), time.perf_counter() - start, last)
+        return Trained(generator, 1, AttackTarget.for_generator(generator), time.perf_counter() - start,
+                       {"last": curve[-1], "curve": curve})
     run = FinetuneUnlearner(teacher, spec, FinetuneConfig(**{**asdict(cfg.finetune), "method": method}))
-    for i in range(cfg.finetune_steps):
-        metrics = run.step()
-        if progress:
-            progress(method, i + 1, cfg.finetune_steps)
+    curve = _train(method, run.step, cfg.finetune_steps, progress)
     model = run.model.eval().requires_grad_(False)
-    last = {k: float(v) for k, v in metrics.items()}
     return Trained(_heun(model, cfg.teacher_steps), heun_nfe(cfg.teacher_steps),
                    AttackTarget.for_denoiser(model, cfg.teacher_steps, cfg.attack_sampler_steps),
-                   time.perf_counter() - start, last)
+                   time.perf_counter() - start, {"last": curve[-1], "curve": curve})
+
+
+def _train(method: str, step: Callable[[], dict], steps: int, progress, points: int = 20) -> list[dict]:
+    """Run ``steps`` steps; the training curve: the losses at ~``points`` evenly spaced steps (each a host sync)."""
+    curve, every = [], max(1, steps // points)
+    for i in range(steps):
+        metrics = step()
+        if (i + 1) % every == 0 or i + 1 == steps:
+            curve.append({"step": i + 1, **{k: float(v) for k, v in metrics.items()}})
+        if progress:
+            progress(method, i + 1, steps)
+    return curve
 
 
 def run_compare(teacher: nn.Module, classifier: nn.Module, real_images: torch.Tensor, real_labels: torch.Tensor,
                 cfg: CompareConfig, *, features: FeatureNetwork | None = None,
                 progress: Callable[[str, int, int], None] | None = None,
-                on_trained: Callable[[str, Trained], None] | None = None) -> list[dict]:
+                on_trained: Callable[[str, Trained], None] | None = None,
+                on_images: Callable[[str, torch.Tensor], None] | None = None) -> list[dict]:
     """One row of metrics per method (see module doc). ``real_*``: (N, C, H, W) in [-1, 1], labels (N,)."""
     features = features or ClassifierFeatures(classifier)
     spec = ForgetSpec.from_config(cfg.sfd, teacher.num_classes)
@@ -139,6 +146,8 @@ def run_compare(teacher: nn.Module, classifier: nn.Module, real_images: torch.Te
         row["sample_ms_per_image"] = 1000 * (time.perf_counter() - start) / len(images)
         if method == "sid":
             reference["sid"] = images
+        if on_images:
+            on_images(method, images)
         row["fid"] = fid_between(images, real_remain, features)
         row["fid_features"] = features.name
         row["retention_vs_teacher"] = perceptual_distance(reference["teacher"], images, classifier).mean().item()
@@ -157,4 +166,59 @@ def run_compare(teacher: nn.Module, classifier: nn.Module, real_images: torch.Te
     return [rows[m] for m in cfg.methods]
 
 
-__all__ = ["METHODS", "CompareConfig", "Trained", "train_method", "run_compare"]
+def with_training_seed(cfg: CompareConfig, seed: int) -> CompareConfig:
+    """The same comparison with every method's training seeded by ``seed``; evaluation noise is unchanged."""
+    return replace(cfg, sfd=cfg.sfd.replace(seed=seed), finetune=replace(cfg.finetune, seed=seed))
+
+
+def summarize_seeds(per_seed: list[list[dict]], seeds: list[int]) -> list[dict]:
+    """One row per method: each number's mean over seeds, and ``<key>_spread`` = half its range
+    (for two seeds, each seed's distance from the mean); the per-seed rows stay under "seeds"."""
+    out = []
+    for rows in zip(*per_seed):
+        row = {"method": rows[0]["method"], "seeds": {str(s): r for s, r in zip(seeds, rows)}}
+        for key, value in rows[0].items():
+            values = [r[key] for r in rows]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and None not in values:
+                row[key] = sum(values) / len(values)
+                row[f"{key}_spread"] = (max(values) - min(values)) / 2
+            elif not isinstance(value, dict):
+                row.setdefault(key, value)
+        out.append(row)
+    return out
+
+
+def run_compare_seeds(teacher: nn.Module, classifier: nn.Module, real_images: torch.Tensor,
+                      real_labels: torch.Tensor, cfg: CompareConfig, seeds: list[int], *,
+                      features: FeatureNetwork | None = None,
+                      progress: Callable[[str, int, int], None] | None = None,
+                      on_trained: Callable[[str, int, Trained], None] | None = None) -> tuple[list[dict], dict]:
+    """``run_compare`` once per training seed: (summary rows, noise floor).
+
+    The noise floor is what two runs of the same method differ by with nothing changed but the
+    seed: plain SiD seed against seed, in retention (same noise, same class) and in FID. A gap
+    between methods smaller than it is not a difference.
+    """
+    if len(seeds) < 1 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"training seeds must be distinct and at least one, got {seeds}")
+    per_seed, sid_images = [], {}
+    for seed in seeds:
+        def keep(method, images, seed=seed):
+            if method == "sid":
+                sid_images[seed] = images
+
+        trained = (lambda m, t, seed=seed: on_trained(m, seed, t)) if on_trained else None
+        per_seed.append(run_compare(teacher, classifier, real_images, real_labels, with_training_seed(cfg, seed),
+                                    features=features, progress=progress, on_trained=trained, on_images=keep))
+    floor: dict = {"seeds": list(seeds)}
+    pairs = [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1:] if a in sid_images and b in sid_images]
+    if pairs:
+        floor["sid_retention_seed_vs_seed"] = sum(
+            perceptual_distance(sid_images[a], sid_images[b], classifier).mean().item() for a, b in pairs) / len(pairs)
+        sid_fids = [r["fid"] for rows in per_seed for r in rows if r["method"] == "sid"]
+        floor["sid_fid_spread"] = (max(sid_fids) - min(sid_fids)) / 2
+    return summarize_seeds(per_seed, list(seeds)), floor
+
+
+__all__ = ["METHODS", "CompareConfig", "Trained", "train_method", "run_compare", "run_compare_seeds",
+           "summarize_seeds", "with_training_seed"]

@@ -1,8 +1,10 @@
 """Fréchet distance between generated and real images in a *named* feature space (SPEC section 5).
 
-Two feature networks, and the name of the one used travels with every number:
+Feature networks, and the name of the one used travels with every number:
 - ``ClassifierFeatures``: the embedded DigitClassifier's penultimate activations. Reported as
   "FID (classifier features)": in-domain and offline, but not comparable with published FIDs.
+  The same wrapper reads the independent LeNet of ``fid_network`` ("independent LeNet features"),
+  the network quality claims are made in because nothing was tuned or selected on it.
 - ``OnnxFeatures``: any feature network the user supplies as a local ONNX file (for example an
   Inception-v3 pool3 export), run with onnxruntime. No download, no pickle; torchvision is not a
   dependency, so Inception arrives as ONNX rather than as a state dict.
@@ -31,13 +33,12 @@ class FeatureNetwork(Protocol):
 
 
 class ClassifierFeatures:
-    """Penultimate features of a classifier with a ``features(x)`` method (DigitClassifier)."""
+    """Penultimate features of a network with a ``features(x)`` method (DigitClassifier, LeNetFeatures)."""
 
-    name = "classifier features"
-
-    def __init__(self, classifier, batch_size: int = 500):
+    def __init__(self, classifier, batch_size: int = 500, name: str = "classifier features"):
         self.classifier = classifier
         self.batch_size = batch_size
+        self.name = name
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,10 @@ PLOTTED = ["forget_accuracy", "remain_accuracy", "fid", "retention_vs_teacher", 
 
 def _cell(row: dict, key: str, fmt: str) -> str:
     value = row.get(key)
-    return "–" if value is None else fmt.format(value)
+    if value is None:
+        return "–"
+    spread = row.get(f"{key}_spread")  # over training seeds (eval.compare.summarize_seeds)
+    return fmt.format(value) + ("" if spread is None or key in ("nfe",) else " ± " + fmt.format(spread))
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -49,11 +52,18 @@ def write_report(rows: list[dict], meta: dict, out: str | Path) -> dict[str, Pat
           f"Attack budget: {json.dumps(meta['config']['attack'])} "
           f"(diffusion rows attacked through {meta['config']['attack_sampler_steps']} differentiable Heun steps).",
           f"Environment: {meta.get('environment', '')}", ""]
+    floor = meta.get("noise_floor")
+    if floor:
+        md[3:3] = ["", f"Mean ± half the range over training seeds {floor['seeds']} (evaluation noise fixed). "
+                   + (f"Noise floor, plain SiD seed against seed: retention {floor['sid_retention_seed_vs_seed']:.4f}, "
+                      f"FID ± {floor['sid_fid_spread']:.2f}; gaps below these are not differences."
+                      if "sid_retention_seed_vs_seed" in floor else "")]
     atomic_write_bytes(paths["md"], "\n".join(md).encode())
     atomic_write_bytes(paths["json"], (json.dumps({"rows": rows, "meta": meta}, indent=2) + "\n").encode())
     buf = io.StringIO()
     writer = csv.writer(buf)
     keys = [k for k, _, _ in COLUMNS] + ["fid_features", "retention_features", "unlearning_accuracy"]
+    keys += [f"{k}_spread" for k, _, _ in COLUMNS if f"{k}_spread" in rows[0]]
     writer.writerow(keys)
     for r in rows:
         writer.writerow(["" if r.get(k) is None else r.get(k) for k in keys])
@@ -97,4 +107,61 @@ def bar_charts(rows: list[dict], panel_w: int = 300, panel_h: int = 220) -> byte
     return buf.getvalue()
 
 
-__all__ = ["COLUMNS", "markdown_table", "write_report", "bar_charts"]
+def line_chart(series: dict[str, list[tuple[float, float]]], levels: dict[str, float], title: str,
+               x_label: str, width: int = 640, height: int = 400) -> bytes:
+    """Lines of (x, y) points per series and dashed horizontal ``levels`` (e.g. teacher, real-data floor),
+    y on a log scale (FIDs span decades); PNG bytes."""
+    import math
+
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    left, right, top, bottom = 60, width - 150, 30, height - 40
+    xs = [x for pts in series.values() for x, _ in pts]
+    ys = [y for pts in series.values() for _, y in pts] + list(levels.values())
+    ys = [y for y in ys if y > 0]
+    x_lo, x_hi = min(xs), max(max(xs), min(xs) + 1)
+    y_lo, y_hi = math.log10(min(ys)) - 0.05, math.log10(max(ys)) + 0.05
+
+    def px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x_lo) / (x_hi - x_lo) * (right - left),
+                bottom - (math.log10(max(y, 1e-12)) - y_lo) / (y_hi - y_lo) * (bottom - top))
+
+    draw.text((left, 8), title, fill="black")
+    draw.rectangle([left, top, right, bottom], outline="black")
+    for e in range(math.floor(y_lo), math.ceil(y_hi) + 1):
+        for m in (1, 2, 5):
+            v = m * 10.0 ** e
+            if y_lo <= math.log10(v) <= y_hi:
+                y = px(x_lo, v)[1]
+                draw.line([left, y, right, y], fill=(225, 225, 225))
+                draw.text((8, y - 6), f"{v:g}", fill="black")
+    for x in sorted(set(xs)):
+        draw.text((px(x, 1)[0] - 8, bottom + 6), f"{x:g}", fill="black")
+    draw.text(((left + right) // 2 - 20, height - 18), x_label, fill="black")
+    palette = [(66, 133, 244), (219, 68, 55), (15, 157, 88), (244, 180, 0), (171, 71, 188)]
+    legend_y = top
+    for i, (name, pts) in enumerate(series.items()):
+        colour = palette[i % len(palette)]
+        coords = [px(x, y) for x, y in sorted(pts)]
+        if len(coords) > 1:
+            draw.line(coords, fill=colour, width=2)
+        for cx, cy in coords:
+            draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+        draw.line([right + 10, legend_y + 6, right + 30, legend_y + 6], fill=colour, width=2)
+        draw.text((right + 34, legend_y), name, fill="black")
+        legend_y += 16
+    for name, value in levels.items():
+        y = px(x_lo, value)[1]
+        for x in range(left, right, 12):
+            draw.line([x, y, x + 6, y], fill="gray", width=1)
+        draw.line([right + 10, legend_y + 6, right + 30, legend_y + 6], fill="gray")
+        draw.text((right + 34, legend_y), f"{name} {value:.3g}", fill="black")
+        legend_y += 16
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+__all__ = ["COLUMNS", "markdown_table", "write_report", "bar_charts", "line_chart"]

@@ -15,12 +15,38 @@ class CheckpointError(ValueError):
     """A model directory or checkpoint file is missing, incomplete or unreadable."""
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create 0600/0700; what we write is a model or a report others read, so it gets the
+# mode open()/mkdir would give (minus the umask), read once at import (os.umask is process-wide).
+_UMASK = _read_umask()
+_FILE_MODE = 0o666 & ~_UMASK
+
+
+def staging_dir(path: str | os.PathLike, tag: str = "tmp") -> Path:
+    """A new hidden folder beside ``path`` to build it in before the rename that publishes it.
+
+    mkdtemp makes it 0700; it gets the mode mkdir would give, so the published folder is as
+    readable as any other the user makes.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{tag}-", dir=path.parent))
+    tmp.chmod(0o777 & ~_UMASK)
+    return tmp
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temp file in the same directory, fsync, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

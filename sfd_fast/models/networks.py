@@ -19,13 +19,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..io.atomic import CheckpointError, check_replaceable, read_json_object, replace_dir
+from ..io.atomic import CheckpointError, check_replaceable, read_json_object, replace_dir, staging_dir
 from .ddpm_schedule import log_sigma_table, timestep_of_sigma
 from .unet import _require_class_conditioning, unet_image_shape
 
@@ -202,8 +201,7 @@ def save_denoiser(denoiser: nn.Module, path: str | os.PathLike, extra_meta: dict
     An existing ``path`` is replaced only if this library wrote it (or it is empty), unless ``overwrite``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = staging_dir(path)
     try:
         if isinstance(denoiser, EDMDenoiser):
             denoiser.unet.save_pretrained(tmp, safe_serialization=True)
@@ -280,8 +278,7 @@ def save_generator(generator: OneStepGenerator, path: str | os.PathLike, record=
 
     path = Path(path)
     pipeline = generator.to_pipeline()  # raises TypeError for a denoiser it cannot express
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = staging_dir(path)
     try:
         pipeline.save_pretrained(tmp, safe_serialization=True)
         denoiser = generator.denoiser

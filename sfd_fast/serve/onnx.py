@@ -14,13 +14,14 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..io.atomic import staging_dir
 
 DEFAULT_OPSET = 18
 OPSET_RANGE = (14, 20)  # what both exporters and onnxruntime handle here; TorchScript caps at 17
@@ -153,8 +154,7 @@ def _max_error(module: nn.Module, path: Path, feeds: dict[str, torch.Tensor]) ->
 def _staged(path: Path):
     """A staging folder beside ``path``; on success its files move into ``path.parent`` (sidecar
     JSONs last, so a reader that sees ``<path>.json`` sees every file it names); on failure it is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{path.name}.export-", dir=path.parent))
+    stage = staging_dir(path, "export")
     try:
         yield stage
         entries = sorted(stage.iterdir(), key=lambda e: e.name.endswith(".json"))

@@ -28,14 +28,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from ..core import faults
 from ..core.config import SFDConfig
-from ..io.atomic import CheckpointError, atomic_write_bytes
+from ..io.atomic import CheckpointError, atomic_write_bytes, staging_dir
 from . import distributed as dist_utils
 
 FORMAT = "sfd_fast.train.checkpoint"
@@ -138,7 +137,7 @@ def save_checkpoint(state, root: str | os.PathLike, keep_last: int | None = None
     final = checkpoint_dir(root, state.step)
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = staging_dir(final)
     try:
         atomic_write_bytes(tmp / WEIGHTS_FILE, blob)
         atomic_write_bytes(tmp / META_FILE, meta_bytes)

@@ -38,14 +38,13 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from ..core import faults
-from ..io.atomic import CheckpointError, atomic_write_bytes
+from ..io.atomic import CheckpointError, atomic_write_bytes, staging_dir
 from . import checkpoint as plain
 from . import distributed as dist_utils
 
@@ -179,7 +178,7 @@ def save_sharded_checkpoint(state, root: str | os.PathLike, keep_last: int | Non
     if dist_utils.is_main():
         final.parent.mkdir(parents=True, exist_ok=True)
         plain._remove_stale_temporaries(final.parent)
-        tmp = tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+        tmp = str(staging_dir(final))
     tmp = Path(_broadcast(tmp))
     try:
         # Collective; returns once .metadata is written.

@@ -1,0 +1,115 @@
+"""FID-vs-steps curve for SFD and plain SiD on the embedded demo (issue 15): JSON, PNG, grids.
+
+    OMP_NUM_THREADS=1 python scripts/quality_curve.py --out docs/quality --steps 400
+
+FID is reported in the independent LeNet features (sfd_fast/eval/fid_network.py: nothing was
+trained, tuned or selected on it) and, beside it, in the classifier features that budgets were
+chosen by. The teacher row uses its Heun sampler; the floor is real training digits against the
+held-out ones. Threads are pinned (--threads, default 1) and recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from sfd_fast.cli.args import add_forget_args, add_sfd_config_args, sfd_config
+from sfd_fast.eval.classifier import CLASSIFIER_FILE, DigitClassifier
+from sfd_fast.eval.curve import CURVE_METHODS, CurveConfig, run_curve
+from sfd_fast.eval.evaluate import class_grid, teacher_sampler
+from sfd_fast.eval.fid_network import FID_NETWORK_FILE, independent_features
+from sfd_fast.eval.report import line_chart
+from sfd_fast.io.atomic import atomic_write_bytes, check_writable_dir, write_json
+from sfd_fast.io.data import ASSETS, load_embedded_mnist
+from sfd_fast.models.networks import load_denoiser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True, help="output folder (curve.json, curve.png, grids)")
+    p.add_argument("--teacher", type=Path, default=ASSETS / "teacher", help="teacher folder (default: embedded)")
+    p.add_argument("--steps", type=int, default=400, help="training iterations per method (default: 400)")
+    p.add_argument("--eval-at", type=int, nargs="+", default=None,
+                   help="steps to evaluate at (default: 0 and powers of two times 25 up to --steps)")
+    p.add_argument("--methods", nargs="+", default=list(CURVE_METHODS), choices=CURVE_METHODS,
+                   help="methods to train (default: sfd sid)")
+    p.add_argument("--per-class", type=int, default=100, help="samples per class per evaluation (default: 100)")
+    p.add_argument("--teacher-steps", type=int, default=18, help="Heun steps of the teacher row (default: 18)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads, pinned and recorded (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="training and evaluation seed (default: 0)")
+    add_forget_args(p)
+    add_sfd_config_args(p)
+    p.set_defaults(preset="demo")
+    return p.parse_args(argv)
+
+
+def default_eval_at(steps: int) -> tuple[int, ...]:
+    points, s = [0], 25
+    while s < steps:
+        points.append(s)
+        s *= 2
+    return tuple(points + [steps])
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    out = check_writable_dir(args.out)
+    config = sfd_config(args)
+    cfg = CurveConfig(sfd=config, steps=args.steps, eval_at=tuple(args.eval_at or default_eval_at(args.steps)),
+                      methods=tuple(args.methods), per_class=args.per_class, teacher_steps=args.teacher_steps,
+                      seed=args.seed)
+    teacher = load_denoiser(args.teacher)
+    classifier = DigitClassifier.load(CLASSIFIER_FILE).requires_grad_(False)
+    side = teacher.image_shape[-1]
+    bars = {}
+
+    def progress(method: str, i: int, n: int) -> None:
+        bar = bars.setdefault(method, tqdm(total=n, desc=method))
+        bar.update()
+        if i == n:
+            bar.close()
+
+    result = run_curve(teacher, classifier, independent_features(), load_embedded_mnist("test", side),
+                       load_embedded_mnist("train", side), cfg, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+    for method, run in result["methods"].items():
+        class_grid(run.pop("generator"), teacher.num_classes, 10, teacher.image_shape, out / f"samples_{method}.png")
+    class_grid(teacher_sampler(teacher, cfg.teacher_steps)[0], teacher.num_classes, 10, teacher.image_shape,
+               out / "samples_teacher.png")
+    result["environment"] = {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
+        "commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "fid_network": str(FID_NETWORK_FILE.relative_to(ASSETS.parent.parent))}
+    write_json(result, out / "curve.json")
+    series = {f"{m} (LeNet)": [(p["step"], p["independent"]["fid"]) for p in r["points"]]
+              for m, r in result["methods"].items()}
+    levels = {"teacher": result["teacher"]["independent"]["fid"],
+              "real floor": result["floor_real_train_vs_test"]["independent"]["fid"]}
+    atomic_write_bytes(out / "curve.png", line_chart(series, levels, "FID on remain classes, independent LeNet "
+                                                     "features (lower is better)", "training steps"))
+    print(json.dumps({m: [(p["step"], round(p["independent"]["fid"], 2), round(p["classifier"]["fid"], 2))
+                          for p in r["points"]] for m, r in result["methods"].items()}))
+    print(f"teacher {levels['teacher']:.2f}, floor {levels['real floor']:.2f}; wrote {out}/curve.json, curve.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
