@@ -35,6 +35,9 @@ from sfd_fast.models.networks import load_denoiser
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="output folder (curve.json, curve.png, grids)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="DIR",
+                   help="instead of training: combine the curve.json of runs made in parallel (one method each, "
+                        "same settings) into --out")
     p.add_argument("--teacher", type=Path, default=ASSETS / "teacher", help="teacher folder (default: embedded)")
     p.add_argument("--steps", type=int, default=400, help="training iterations per method (default: 400)")
     p.add_argument("--eval-at", type=int, nargs="+", default=None,
@@ -67,8 +70,43 @@ def _commit() -> str:
         return "unknown"
 
 
+def write_outputs(result: dict, out: Path) -> None:
+    write_json(result, out / "curve.json")
+    series = {f"{m} (LeNet)": [(p["step"], p["independent"]["fid"]) for p in r["points"]]
+              for m, r in result["methods"].items()}
+    levels = {"teacher": result["teacher"]["independent"]["fid"],
+              "real floor": result["floor_real_train_vs_test"]["independent"]["fid"]}
+    atomic_write_bytes(out / "curve.png", line_chart(series, levels, "FID on remain classes, independent LeNet "
+                                                     "features (lower is better)", "training steps"))
+    print(json.dumps({m: [(p["step"], round(p["independent"]["fid"], 2), round(p["classifier"]["fid"], 2))
+                          for p in r["points"]] for m, r in result["methods"].items()}))
+    print(f"teacher {levels['teacher']:.2f}, floor {levels['real floor']:.2f}; wrote {out}/curve.json, curve.png")
+
+
+def merge(parts: list[Path], out: Path) -> int:
+    import shutil
+
+    results = [json.loads((d / "curve.json").read_text()) for d in parts]
+    first = results[0]
+    for d, r in zip(parts[1:], results[1:]):
+        mine = {k: v for k, v in r["config"].items() if k != "methods"}
+        if mine != {k: v for k, v in first["config"].items() if k != "methods"}:
+            raise SystemExit(f"{d}/curve.json was made with other settings than {parts[0]}/curve.json")
+    merged = {**first, "methods": {m: v for r in results for m, v in r["methods"].items()},
+              "merged_from": [str(d) for d in parts], "environment": [r["environment"] for r in results]}
+    out.mkdir(parents=True, exist_ok=True)
+    for d in parts:
+        for png in d.glob("samples_*.png"):
+            if png.parent.resolve() != out.resolve():
+                shutil.copy(png, out / png.name)
+    write_outputs(merged, out)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, check_writable_dir(args.out))
     torch.set_num_threads(args.threads)
     out = check_writable_dir(args.out)
     config = sfd_config(args)
@@ -98,16 +136,7 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
         "commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "fid_network": str(FID_NETWORK_FILE.relative_to(ASSETS.parent.parent))}
-    write_json(result, out / "curve.json")
-    series = {f"{m} (LeNet)": [(p["step"], p["independent"]["fid"]) for p in r["points"]]
-              for m, r in result["methods"].items()}
-    levels = {"teacher": result["teacher"]["independent"]["fid"],
-              "real floor": result["floor_real_train_vs_test"]["independent"]["fid"]}
-    atomic_write_bytes(out / "curve.png", line_chart(series, levels, "FID on remain classes, independent LeNet "
-                                                     "features (lower is better)", "training steps"))
-    print(json.dumps({m: [(p["step"], round(p["independent"]["fid"], 2), round(p["classifier"]["fid"], 2))
-                          for p in r["points"]] for m, r in result["methods"].items()}))
-    print(f"teacher {levels['teacher']:.2f}, floor {levels['real floor']:.2f}; wrote {out}/curve.json, curve.png")
+    write_outputs(result, out)
     return 0
 
 

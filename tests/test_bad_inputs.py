@@ -148,6 +148,17 @@ CASES = [
          r"--port must be in 0..65535 \(0 = any free port\), got 70000"),
     Case("train-classifier --epochs 0", EXIT, ("train-classifier", "--out", "{w}/c.safetensors", "--epochs", "0"), 2,
          r"--epochs must be >= 1, got 0", ("c.safetensors",)),
+    Case("train-fid-network --out onto an existing file", DATA_LOSS,
+         ("train-fid-network", "--out", "{w}/user_file.safetensors", "--no-progress"), 2,
+         r"--out '.*user_file.safetensors' exists; pass --overwrite to replace it"),
+    Case("pretrain-teacher --label-dropout 1.5", EXIT,
+         ("pretrain-teacher", "--out", "{w}/out", "--preset", "tiny", "--label-dropout", "1.5", *TINY_STEPS,
+          "--no-progress"), 2, r"--label-dropout must be in \[0, 1\) \(0.1 is the usual CFG value\), got 1.5",
+         ("out",)),
+    Case("compare --fid-features lenet on 8x8 images", EXIT,
+         ("compare", "--teacher", "{teacher}", "--out", "{w}/out", "--fid-features", "lenet", "--no-progress"), 2,
+         r"--fid-features lenet reads \(1, 16, 16\) digits; the teacher makes \(1, 8, 8\) images: pass "
+         r"--fid-features classifier or --inception-onnx", ("out",)),
 ]
 
 # Rows that need a process, a signal, a server or a damaged checkpoint: tested in these files.
@@ -217,6 +228,7 @@ def prepare_scratch(w: Path, models: dict[str, str]) -> None:
     (w / "generator").mkdir()
     (w / "generator" / "notes.txt").write_text("the user's notes")
     (w / "user_file").write_text("the user's file")
+    (w / "user_file.safetensors").write_text("the user's weights")
     (w / "list.json").write_text("[1, 2]")
     (w / "bad.json").write_text("{bad")
     (w / "garbage.onnx").write_bytes(b"these bytes are not an ONNX model")
@@ -253,6 +265,7 @@ def test_bad_input_exit_code_and_one_line(case, models, tmp_path):
     assert (w / "user_folder" / "notes.txt").read_text() == "the user's notes"
     assert (w / "generator" / "notes.txt").read_text() == "the user's notes"
     assert (w / "user_file").read_text() == "the user's file"
+    assert (w / "user_file.safetensors").read_text() == "the user's weights"
 
 
 def test_overwrite_replaces_a_users_folder_only_when_asked(models, tmp_path):

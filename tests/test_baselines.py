@@ -81,3 +81,23 @@ def test_esd_null_is_the_mean_of_the_class_conditional_denoisers(tiny_teacher):
     torch.testing.assert_close(run.esd_target(x, sigma, torch.tensor([0, 0, 0])), mean, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="unknown fine-tuning method 'ga'"):
         FinetuneConfig(method="ga")
+
+
+def test_advunlearn_default_lr_moves_its_embedding_row_where_1e4_did_not(tiny_teacher):
+    """Issue 15: at lr 1e-4 AdvUnlearn's one trainable row moved 0.1% of its norm (a no-op row in
+    the table); the per-method default (1e-2) must move it by a sizeable fraction."""
+    assert FinetuneConfig(method="advunlearn").learning_rate == 1e-2
+    assert FinetuneConfig(method="esd").learning_rate == 1e-4 == FinetuneConfig(method="retain_distill").learning_rate
+    moved = {}
+    for lr in (None, 1e-4):
+        torch.manual_seed(0)
+        run = FinetuneUnlearner(tiny_teacher, SPEC, FinetuneConfig(method="advunlearn", lr=lr, batch_size=2,
+                                                                    retain_batch_size=2, trajectory_steps=3,
+                                                                    inner_steps=1))
+        row = run.model.unet.class_embedding.weight[0].detach().clone()
+        for _ in range(10):
+            run.step()
+        moved[lr] = float((run.model.unet.class_embedding.weight[0].detach() - row).norm() / row.norm())
+    assert moved[None] > 0.02 and moved[1e-4] < 0.002, moved
+    with pytest.raises(ValueError, match="lr must be > 0 or None"):
+        FinetuneConfig(lr=0.0)

@@ -61,8 +61,8 @@ def test_a_collapsed_sampler_has_less_class_variance_than_real_digits():
         picks = [images[labels == int(k)][i % 150 + 1] for i, k in enumerate(c.tolist())]
         return torch.stack(picks)
 
-    out_collapsed = quality_metrics(collapsed, SPEC, (1, 16, 16), features, images, labels, per_class=20)
-    out_real = quality_metrics(real, SPEC, (1, 16, 16), features, images, labels, per_class=20)
+    out_collapsed = quality_metrics(collapsed, SPEC, (1, 16, 16), {"f": features}, images, labels, per_class=20)["f"]
+    out_real = quality_metrics(real, SPEC, (1, 16, 16), {"f": features}, images, labels, per_class=20)["f"]
     assert out_collapsed["mean_class_variance"] == pytest.approx(0.0, abs=1e-6)
     real_var = real_class_variance(features, images, labels)
     assert out_real["mean_class_variance"] > 0.3 * sum(real_var[str(k)] for k in SPEC.remain) / 9

@@ -6,9 +6,11 @@ with data-free x_t: the *current* model's Euler sampler runs from sigma_max to a
 an EDM schedule (as ESD runs DDIM to a random t), conditioned on the sample's class.
 
 - "esd" (Gandikota et al. 2023, our label-conditional reading): target
-  D_null - eta (D_phi(c_f) - D_null), i.e. negative guidance away from c_f. A label-conditional
-  teacher has no unconditional score; we define D_null as the *mean of the teacher's K
-  class-conditional denoisers* (K extra forwards, no grad). All weights train; gamma = 0.
+  D_null - eta (D_phi(c_f) - D_null), i.e. negative guidance away from c_f. D_null is the
+  teacher's null label when it was trained with label dropout (``pretrain-teacher
+  --label-dropout``); a teacher without one has no unconditional score, and D_null falls back to
+  the *mean of the teacher's K class-conditional denoisers* (K extra forwards, no grad). All
+  weights train; gamma = 0.
 - "retain_distill" (Schioppa et al. 2024 style): forget target D_phi(x_t, s, c_o) (c_f remapped
   onto its override) plus retain distillation; all weights train.
 - "advunlearn" (Zhang et al. 2024, label-conditional reading): only the class-embedding table
@@ -31,6 +33,11 @@ from ..core.losses import edm_denoising_loss, edm_loss_weight
 from ..models.sampler import edm_sigma_steps
 
 METHODS = ("esd", "retain_distill", "advunlearn")
+# Adam lr per method when FinetuneConfig.lr is None. Whole-network fine-tuning moves every weight
+# by ~lr per step, so 1e-4 suffices; AdvUnlearn trains one class-embedding row (norm ~11, entries
+# ~0.8 on the demo teacher), which 1e-4 x 20 steps moved by 0.1% of its norm - a no-op (issue 15).
+# 1e-2 lets it move a sizeable fraction of its norm within a compare budget (measured in docs/compare).
+DEFAULT_LR = {"esd": 1e-4, "retain_distill": 1e-4, "advunlearn": 1e-2}
 
 
 @dataclass(frozen=True)
@@ -38,7 +45,7 @@ class FinetuneConfig:
     """Hyperparameters of one fine-tuning baseline run."""
 
     method: str = "esd"              # one of METHODS
-    lr: float = 1e-4                 # Adam learning rate (paper scale 1e-5 at 1000 iterations)
+    lr: float | None = None          # Adam learning rate; None = DEFAULT_LR[method] (paper scale 1e-5 at 1000 iterations)
     batch_size: int = 8              # forget samples per step
     retain_batch_size: int = 8       # remaining-class samples per step (unused by esd)
     eta: float = 1.0                 # negative-guidance strength of the ESD target
@@ -54,8 +61,12 @@ class FinetuneConfig:
         for name in ("batch_size", "retain_batch_size", "trajectory_steps", "inner_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be > 0 or None (the method's default {DEFAULT_LR[self.method]}), got {self.lr}")
+
+    @property
+    def learning_rate(self) -> float:
+        return DEFAULT_LR[self.method] if self.lr is None else self.lr
 
     @property
     def retain_weight(self) -> float:
@@ -81,7 +92,7 @@ class FinetuneUnlearner:
             rows[list(spec.forget)] = 1.0
             table.register_hook(lambda grad: grad * rows)
         params = [table] if config.method == "advunlearn" else list(self.model.parameters())
-        self.opt = torch.optim.Adam(params, lr=config.lr)
+        self.opt = torch.optim.Adam(params, lr=config.learning_rate)
         self.device = table.device
         self.rng = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sigmas = edm_sigma_steps(config.trajectory_steps, device=self.device).float()
@@ -101,8 +112,18 @@ class FinetuneUnlearner:
 
     @torch.no_grad()
     def esd_target(self, x_t: torch.Tensor, sigma: torch.Tensor, c_f: torch.Tensor) -> torch.Tensor:
-        """D_null - eta (D_phi(c_f) - D_null), D_null = mean over the K classes of D_phi(x_t, s, k)."""
-        n, k = len(x_t), self.spec.num_classes
+        """D_null - eta (D_phi(c_f) - D_null).
+
+        D_null is the teacher's unconditional denoiser at its null label when it was trained with
+        label dropout (ESD's own definition); otherwise the mean over the K classes of D_phi(x_t, s, k),
+        which equals the unconditional score only where the class posteriors are uniform (high noise).
+        """
+        n, null = len(x_t), getattr(self.original, "null_label", None)
+        if null is not None:
+            labels = torch.cat([c_f, torch.full_like(c_f, null)])
+            d_f, d_null = self.original(x_t.repeat(2, 1, 1, 1), sigma.repeat(2), labels).chunk(2)
+            return d_null - self.config.eta * (d_f - d_null)
+        k = self.spec.num_classes
         labels = torch.arange(k, device=self.device).repeat_interleave(n)
         d_all = self.original(x_t.repeat(k, 1, 1, 1), sigma.repeat(k), labels).view(k, n, *x_t.shape[1:])
         d_null = d_all.mean(0)

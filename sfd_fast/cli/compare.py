@@ -101,7 +101,9 @@ def add_parsers(sub) -> None:
     add_sfd_config_args(p)
     p.add_argument("--distill-steps", type=int, default=100, help="iterations of sid/sfd/robust_sfd (default: 100)")
     p.add_argument("--finetune-steps", type=int, default=50, help="iterations of esd/retain_distill/advunlearn (default: 50)")
-    p.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam lr of the fine-tuning baselines (default: 1e-4)")
+    p.add_argument("--finetune-lr", type=float, default=None,
+                   help="Adam lr of the fine-tuning baselines (default: per method, 1e-4 for esd/retain_distill "
+                        "and 1e-2 for advunlearn, which trains one embedding row; baselines/finetune.py)")
     p.add_argument("--finetune-batch", type=int, default=8, help="forget (and retain) batch of fine-tuning (default: 8)")
     p.add_argument("--robust-inner-steps", type=int, default=3, help="robust_sfd inner attack steps (default: 3)")
     p.add_argument("--teacher-steps", type=int, default=8, help="Heun steps of diffusion-sampled rows (default: 8)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -22,30 +23,33 @@ def add_parsers(sub) -> None:
     p.add_argument("--steps", type=int, default=4000, help="optimizer steps (default: 4000)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    p.add_argument("--label-dropout", type=float, default=0.0, metavar="P",
+                   help="replace each label by a null label with probability P (classifier-free guidance "
+                        "training; 0.1 is usual): the teacher then also gives the unconditional score, used by "
+                        "ESD and GuidedDenoiser; saved as null_label = the last embedding row (default: 0, none)")
+    p.add_argument("--init", type=Path, default=None, metavar="DIR",
+                   help="continue from this teacher folder instead of a fresh UNet (with --label-dropout, a "
+                        "teacher without a null label gets one; default: train from scratch)")
     add_overwrite_arg(p, "--out")
     add_common(p)
     p.set_defaults(handler=run_pretrain_teacher)
 
-    p = sub.add_parser("train-classifier", help="train the evaluation classifier on the embedded data",
-                       description="Train the small CNN that scores generated digits; saves its weights (.safetensors) "
-                                   "and its config (.json beside them: channels, num_classes, feature_dim, "
-                                   "resolution), which `sfd-fast evaluate --classifier` reads.")
-    p.add_argument("--out", type=Path, required=True, help="output .safetensors file (the .json goes beside it)")
-    p.add_argument("--resolution", type=int, default=16, help="image side (default: 16)")
-    p.add_argument("--epochs", type=int, default=8, help="training epochs (default: 8)")
-    add_common(p)
-    p.set_defaults(handler=run_train_classifier)
-
-    p = sub.add_parser("train-fid-network", help="train the independent FID feature network on the embedded data",
-                       description="Train the LeNet whose 256 features quality (FID, feature variance) is reported "
-                                   "in. Nothing is trained, tuned or selected on it (sfd_fast/eval/fid_network.py); "
-                                   "the embedded one is sfd_fast/assets/fid_lenet.safetensors.")
-    p.add_argument("--out", type=Path, required=True, help="output .safetensors file")
-    p.add_argument("--resolution", type=int, default=16, help="image side (default: 16)")
-    p.add_argument("--epochs", type=int, default=6, help="training epochs (default: 6)")
-    add_overwrite_arg(p, "--out")
-    add_common(p, seed=1)
-    p.set_defaults(handler=run_train_fid_network)
+    for name, help_, description, epochs, seed, out_help in (
+            ("train-classifier", "train the evaluation classifier on the embedded data",
+             "Train the small CNN that scores generated digits; saves its weights (.safetensors) and its config "
+             "(.json beside them: channels, num_classes, feature_dim, resolution), which `sfd-fast evaluate "
+             "--classifier` reads.", 8, 0, "output .safetensors file (the .json goes beside it)"),
+            ("train-fid-network", "train the independent FID feature network on the embedded data",
+             "Train the LeNet whose 256 features quality (FID, feature variance) is reported in. Nothing is "
+             "trained, tuned or selected on it (sfd_fast/eval/fid_network.py); the embedded one is "
+             "sfd_fast/assets/fid_lenet.safetensors.", 6, 1, "output .safetensors file")):
+        p = sub.add_parser(name, help=help_, description=description)
+        p.add_argument("--out", type=Path, required=True, help=out_help)
+        p.add_argument("--resolution", type=int, default=16, help="image side (default: 16)")
+        p.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default: {epochs})")
+        add_overwrite_arg(p, "--out")
+        add_common(p, seed=seed)
+        p.set_defaults(handler=run_train_digit_network)
 
     p = sub.add_parser("distill", help="run SFD on a teacher from a local directory",
                        description="Distil a class-conditional teacher (--teacher: a directory written by "
@@ -114,7 +118,7 @@ def run_pretrain_teacher(args) -> int:
     import torch
 
     from ..io.data import load_embedded_mnist
-    from ..models.networks import save_denoiser
+    from ..models.networks import load_denoiser, save_denoiser
     from ..train.pretrain import pretrain_teacher
 
     for name in ("steps", "batch_size"):
@@ -123,35 +127,26 @@ def run_pretrain_teacher(args) -> int:
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
     check_replaceable(args.out, "--out", args.overwrite)  # before training, not after it
+    if not 0.0 <= args.label_dropout < 1.0:
+        raise ValueError(f"--label-dropout must be in [0, 1) (0.1 is the usual CFG value), got {args.label_dropout}")
+    init = None if args.init is None else load_denoiser(args.init)
     unet_config = UNetConfig.from_name(args.preset)
+    if init is not None:
+        c, side, _ = init.image_shape
+        unet_config = dataclasses.replace(unet_config, channels=c, resolution=side, num_classes=init.num_classes)
     images, labels = load_embedded_mnist("train", unet_config.resolution)
     torch.manual_seed(args.seed)
     teacher = pretrain_teacher(images, labels, unet_config, steps=args.steps, batch_size=args.batch_size,
-                               lr=args.lr, seed=args.seed, progress=not args.no_progress)
+                               lr=args.lr, label_dropout=args.label_dropout, init=init, seed=args.seed,
+                               progress=not args.no_progress)
     save_denoiser(teacher, args.out, overwrite=args.overwrite)
     print(f"saved teacher to {args.out}")
     return 0
 
 
-def run_train_classifier(args) -> int:
+def run_train_digit_network(args) -> int:
+    """``train-classifier`` and ``train-fid-network``: train on the embedded digits, report held-out accuracy."""
     from ..eval.classifier import train_classifier
-    from ..io.data import load_embedded_mnist
-
-    if args.out.suffix != ".safetensors":
-        raise ValueError(f"--out must name a .safetensors file, got {str(args.out)!r}")
-    if args.epochs < 1:
-        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
-
-    images, labels = load_embedded_mnist("train", args.resolution)
-    model = train_classifier(images, labels, epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
-    test_x, test_y = load_embedded_mnist("test", args.resolution)
-    accuracy = (model.predict(test_x) == test_y).float().mean().item()
-    model.save(args.out)
-    print(f"saved classifier to {args.out}; test accuracy {accuracy:.4f} on {len(test_y)} held-out digits")
-    return 0
-
-
-def run_train_fid_network(args) -> int:
     from ..eval.fid_network import train_fid_network
     from ..io.data import load_embedded_mnist
 
@@ -162,12 +157,14 @@ def run_train_fid_network(args) -> int:
     if args.out.exists() and not args.overwrite:
         raise ValueError(f"--out {str(args.out)!r} exists; pass --overwrite to replace it")
     check_writable_dir(args.out.parent)
+    train, what = ((train_classifier, "classifier") if args.command == "train-classifier"
+                   else (train_fid_network, "FID network"))
     images, labels = load_embedded_mnist("train", args.resolution)
-    model = train_fid_network(images, labels, epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+    model = train(images, labels, epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
     test_x, test_y = load_embedded_mnist("test", args.resolution)
     accuracy = (model.predict(test_x) == test_y).float().mean().item()
     model.save(args.out)
-    print(f"saved FID network to {args.out}; test accuracy {accuracy:.4f} on {len(test_y)} held-out digits")
+    print(f"saved {what} to {args.out}; test accuracy {accuracy:.4f} on {len(test_y)} held-out digits")
     return 0
 
 

@@ -32,7 +32,22 @@ def config_path(path: str | Path) -> Path:
     return Path(path).with_suffix(".json")
 
 
-class DigitClassifier(nn.Module):
+class FeatureClassifier(nn.Module):
+    """``body`` (images -> features) then ``head`` (features -> logits); subclasses build both."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate activations (B, feature_dim) of images in [-1, 1]."""
+        return self.body(x.clamp(-1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        return torch.cat([self(chunk).argmax(1) for chunk in x.split(batch_size)])
+
+
+class DigitClassifier(FeatureClassifier):
     """conv(32) -> conv(64, /2) -> conv(128, /2) -> 4x4 pool -> fc(feature_dim) -> fc(classes).
 
     The 4x4 pooled grid keeps the layout of the strokes (a global pool scored ~91% on digits).
@@ -50,17 +65,6 @@ class DigitClassifier(nn.Module):
             nn.AdaptiveAvgPool2d(4), nn.Flatten(),
             nn.Linear(128 * 16, feature_dim), nn.SiLU())
         self.head = nn.Linear(feature_dim, num_classes)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Penultimate activations (B, feature_dim) of images in [-1, 1]."""
-        return self.body(x.clamp(-1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        return torch.cat([self(chunk).argmax(1) for chunk in x.split(batch_size)])
 
     @property
     def image_shape(self) -> tuple[int, int, int] | None:

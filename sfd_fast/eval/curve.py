@@ -52,8 +52,7 @@ class CurveConfig:
 
 def _evaluate(sampler, spec: ForgetSpec, shape, spaces: dict[str, FeatureNetwork], classifier, real, cfg) -> dict:
     row = unlearning_metrics(sampler, classifier, spec, shape, per_class=cfg.per_class, seed=cfg.seed + 100)
-    for key, features in spaces.items():
-        row[key] = quality_metrics(sampler, spec, shape, features, *real, per_class=cfg.per_class, seed=cfg.seed)
+    row.update(quality_metrics(sampler, spec, shape, spaces, *real, per_class=cfg.per_class, seed=cfg.seed))
     return row
 
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..io.atomic import CheckpointError, load_tensors, save_tensors
+from .classifier import FeatureClassifier
 from .fid import ClassifierFeatures
 
 FID_NETWORK_FILE = Path(__file__).resolve().parents[1] / "assets" / "fid_lenet.safetensors"
@@ -25,7 +26,7 @@ FID_NETWORK_NAME = "independent LeNet features"
 KIND = "lenet_fid_features"
 
 
-class LeNetFeatures(nn.Module):
+class LeNetFeatures(FeatureClassifier):
     """conv5(32) -> maxpool -> conv5(64) -> maxpool -> fc(256) -> fc(classes), ReLU throughout."""
 
     def __init__(self, channels: int = 1, num_classes: int = 10, resolution: int = 16, feature_dim: int = 256):
@@ -44,14 +45,7 @@ class LeNetFeatures(nn.Module):
         side = self.hparams["resolution"]
         if tuple(x.shape[-2:]) != (side, side):
             raise ValueError(f"the FID network was trained on {side}x{side} images, got {tuple(x.shape[-2:])}")
-        return self.body(x.clamp(-1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
-
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        return torch.cat([self(chunk).argmax(1) for chunk in x.split(batch_size)])
+        return super().features(x)
 
     def save(self, path: str | Path) -> None:
         save_tensors(self.state_dict(), path, {"kind": KIND, **self.hparams})

@@ -21,27 +21,30 @@ def total_variance(features: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def quality_metrics(sampler: Sampler, spec: ForgetSpec, image_shape: tuple[int, ...], features: FeatureNetwork,
-                    real_images: torch.Tensor, real_labels: torch.Tensor, *, per_class: int, seed: int = 0,
-                    device: torch.device | str = "cpu") -> dict:
-    """FID on the remain classes, each remain class's feature variance, the forget classes' too.
+def quality_metrics(sampler: Sampler, spec: ForgetSpec, image_shape: tuple[int, ...],
+                    spaces: dict[str, FeatureNetwork], real_images: torch.Tensor, real_labels: torch.Tensor, *,
+                    per_class: int, seed: int = 0, device: torch.device | str = "cpu") -> dict[str, dict]:
+    """Per feature space: FID on the remain classes, each remain class's feature variance, the forget classes' too.
 
     ``real_*``: held-out (N, C, H, W) images in [-1, 1] and labels; only the remain classes are
-    compared. The noise is fixed by ``seed``, so two samplers see the same z per class.
+    compared. The noise is fixed by ``seed``, so two samplers see the same z per class; the
+    images are drawn once and read by every space.
     """
     remain = list(spec.remain)
     images, labels = generate_per_class(sampler, remain, per_class, image_shape, seed=seed, device=device)
-    feats = features(images)
-    keep = torch.isin(real_labels, torch.tensor(remain, device=real_labels.device))
-    real_feats = features(real_images[keep].to(images.device))
-    out = {"fid": frechet_distance(*feature_statistics(feats), *feature_statistics(real_feats)),
-           "fid_features": features.name,
-           "class_variance": {str(k): total_variance(feats[labels == k]) for k in remain}}
-    out["mean_class_variance"] = sum(out["class_variance"].values()) / len(remain)
     images_f, labels_f = generate_per_class(sampler, list(spec.forget), per_class, image_shape, seed=seed + 1,
                                             device=device)
-    feats_f = features(images_f)
-    out["forget_variance"] = {str(k): total_variance(feats_f[labels_f == k]) for k in spec.forget}
+    keep = torch.isin(real_labels, torch.tensor(remain, device=real_labels.device))
+    real = real_images[keep].to(images.device)
+    out = {}
+    for key, features in spaces.items():
+        feats, feats_f = features(images), features(images_f)
+        row = {"fid": frechet_distance(*feature_statistics(feats), *feature_statistics(features(real))),
+               "fid_features": features.name,
+               "class_variance": {str(k): total_variance(feats[labels == k]) for k in remain},
+               "forget_variance": {str(k): total_variance(feats_f[labels_f == k]) for k in spec.forget}}
+        row["mean_class_variance"] = sum(row["class_variance"].values()) / len(remain)
+        out[key] = row
     return out
 
 

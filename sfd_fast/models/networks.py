@@ -57,15 +57,17 @@ class EDMDenoiser(nn.Module):
 
     kind = "edm"
 
-    def __init__(self, unet: nn.Module, sigma_data: float = 0.5):
+    def __init__(self, unet: nn.Module, sigma_data: float = 0.5, null_label: int | None = None):
         super().__init__()
         _require_class_conditioning(unet)
         self.unet = unet
         self.sigma_data = float(sigma_data)
+        self.null_label = _check_null_label(null_label, int(unet.config.num_class_embeds))
 
     @property
     def num_classes(self) -> int:
-        return int(self.unet.config.num_class_embeds)
+        """Real classes: the class-embedding rows, less the null row when there is one."""
+        return int(self.unet.config.num_class_embeds) - (self.null_label is not None)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -82,6 +84,16 @@ class EDMDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         out, c_skip, c_out = self.network_output(x, sigma, c)
         return c_skip * x.to(c_out.dtype) + c_out * out
+
+
+def _check_null_label(null_label, rows: int) -> int | None:
+    """The unconditional label of a teacher trained with label dropout: its last embedding row (DiT's layout)."""
+    if null_label is None:
+        return None
+    if isinstance(null_label, bool) or not isinstance(null_label, int) or null_label != rows - 1 or rows < 3:
+        raise ValueError(f"null_label must be the last class-embedding row ({rows - 1} of num_class_embeds={rows}, "
+                         f"leaving at least 2 real classes), got {null_label!r}")
+    return null_label
 
 
 class DDPMDenoiser(nn.Module):
@@ -111,6 +123,7 @@ class DDPMDenoiser(nn.Module):
         self.register_buffer("log_sigmas", log_sigma_table(scheduler.alphas_cumprod), persistent=False)
 
     num_classes = EDMDenoiser.num_classes
+    null_label = None  # DDPM teachers come from diffusers folders, which have no null-label convention
     image_shape = EDMDenoiser.image_shape
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
@@ -164,7 +177,12 @@ class OneStepGenerator(nn.Module):
         """This generator as a ``OneStepPipeline`` (components share this generator's UNet)."""
         from .one_step_pipeline import OneStepPipeline
 
-        return OneStepPipeline(unet=self.denoiser.unet, scheduler=self.one_step_scheduler())
+        unet = self.denoiser.unet
+        if getattr(self.denoiser, "null_label", None) is not None:
+            # G is never asked for the null label (it came with the teacher's table): the folder holds
+            # the real classes only, so the pipeline's classes are the teacher's classes.
+            unet = _without_last_class_row(unet)
+        return OneStepPipeline(unet=unet, scheduler=self.one_step_scheduler())
 
     @classmethod
     def from_pipeline(cls, pipeline) -> "OneStepGenerator":
@@ -192,6 +210,19 @@ class OneStepGenerator(nn.Module):
         return load_generator(path, device)
 
 
+def _without_last_class_row(unet: nn.Module) -> nn.Module:
+    """A copy of a class-conditional UNet2DModel whose embedding table lacks its last (null) row."""
+    from diffusers import UNet2DModel
+
+    rows = int(unet.config.num_class_embeds)
+    trimmed = UNet2DModel.from_config({**dict(unet.config), "num_class_embeds": rows - 1})
+    state = unet.state_dict()
+    state["class_embedding.weight"] = state["class_embedding.weight"][: rows - 1]
+    trimmed.load_state_dict(state)
+    _require_class_conditioning(trimmed)
+    return trimmed.to(device=unet.device, dtype=unet.dtype).train(unet.training)
+
+
 # --------------------------------------------------------------------------- persistence
 
 def save_denoiser(denoiser: nn.Module, path: str | os.PathLike, extra_meta: dict | None = None,
@@ -206,6 +237,8 @@ def save_denoiser(denoiser: nn.Module, path: str | os.PathLike, extra_meta: dict
         if isinstance(denoiser, EDMDenoiser):
             denoiser.unet.save_pretrained(tmp, safe_serialization=True)
             meta = {"kind": "edm", "sigma_data": denoiser.sigma_data}
+            if denoiser.null_label is not None:
+                meta["null_label"] = denoiser.null_label
         elif isinstance(denoiser, DDPMDenoiser):
             from diffusers import DDPMScheduler
 
@@ -250,7 +283,10 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device = "cpu") -
         if kind == "edm":
             unet = UNet2DModel.from_pretrained(path, use_safetensors=True, **quiet)
             _require_class_conditioning(unet, where=f"the UNet in {str(path)!r}")
-            model = EDMDenoiser(unet, sigma_data=meta.get("sigma_data", 0.5))
+            try:  # folders written before label dropout have no null label
+                model = EDMDenoiser(unet, sigma_data=meta.get("sigma_data", 0.5), null_label=meta.get("null_label"))
+            except ValueError as exc:
+                raise CheckpointError(f"{str(meta_file)!r}: {exc}") from None
         else:
             unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True, **quiet)
             _require_class_conditioning(unet, where=f"the UNet in {str(path / 'unet')!r}")
