@@ -17,6 +17,8 @@ def test_demo_writes_metrics_grids_and_generator(tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert REQUIRED <= set(saved) and saved["steps"] == 2 and saved["teacher_nfe"] == 3
     assert metrics["forget_accuracy"] == saved["forget_accuracy"]
+    assert saved["fid_features"] == "independent LeNet features" and saved["fid"] > 0 and saved["teacher_fid"] > 0
+    assert saved["fid_ratio_to_teacher"] == saved["fid"] / saved["teacher_fid"]
     for name in ("samples_generator.png", "samples_teacher.png", "generator/sfd_fast.json", "train_log.json"):
         assert (tmp_path / name).exists(), name
 

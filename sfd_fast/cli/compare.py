@@ -35,7 +35,7 @@ def compare_main(teacher_dir, classifier_path, out: Path, cfg: CompareConfig, *,
                  device: str = "cpu", progress: bool = True) -> list[dict]:
     from ..eval.classifier import DigitClassifier
     from ..eval.fid import ClassifierFeatures, OnnxFeatures
-    from ..eval.fid_network import independent_features
+    from ..eval.fid_network import FID_NETWORK_SHAPE, independent_features
     from ..io.data import load_embedded_mnist
     from ..models.networks import load_denoiser
 
@@ -45,8 +45,8 @@ def compare_main(teacher_dir, classifier_path, out: Path, cfg: CompareConfig, *,
     if inception_onnx is not None:
         features = OnnxFeatures(inception_onnx)
     elif fid_features == "lenet":
-        if tuple(teacher.image_shape) != LENET_SHAPE:
-            raise ValueError(f"--fid-features lenet reads {LENET_SHAPE} digits; the teacher makes "
+        if tuple(teacher.image_shape) != FID_NETWORK_SHAPE:
+            raise ValueError(f"--fid-features lenet reads {FID_NETWORK_SHAPE} digits; the teacher makes "
                              f"{tuple(teacher.image_shape)} images: pass --fid-features classifier or --inception-onnx")
         features = independent_features(device=device)
     else:
@@ -73,9 +73,6 @@ def compare_main(teacher_dir, classifier_path, out: Path, cfg: CompareConfig, *,
     write_report(rows, meta, out)
     print(markdown_table(rows))
     return rows
-
-
-LENET_SHAPE = (1, 16, 16)  # what the embedded independent FID network reads
 
 
 def _seeds(text: str) -> tuple[int, ...]:

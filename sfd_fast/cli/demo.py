@@ -52,10 +52,13 @@ def run_demo(out: str | Path, *, steps: int | None = None, seed: int = 0, forget
     out.mkdir(parents=True, exist_ok=True)
     generator = state.generator_ema.eval()
     shape = teacher.image_shape
-    metrics = evaluate_sampler(generator, 1, classifier, spec, shape, per_class=per_class, seed=seed, device=device)
+    drawn = {"generator": {}, "teacher": {}}  # the samples accuracy was read off; quality reads them too
+    metrics = evaluate_sampler(generator, 1, classifier, spec, shape, per_class=per_class, seed=seed, device=device,
+                               samples=drawn["generator"])
     t_sampler, t_nfe = teacher_sampler(teacher, teacher_steps)
     metrics.update(evaluate_sampler(t_sampler, t_nfe, classifier, spec, shape, per_class=per_class, seed=seed,
-                                    prefix="teacher_", device=device))
+                                    prefix="teacher_", device=device, samples=drawn["teacher"]))
+    metrics.update(demo_quality(drawn, spec, shape, device))
     metrics.update({
         "generator_nfe": 1, "steps": steps, "seconds": time.perf_counter() - start,
         "forget_classes": list(spec.forget), "override_classes": None if spec.override is None else list(spec.override),
@@ -73,6 +76,29 @@ def run_demo(out: str | Path, *, steps: int | None = None, seed: int = 0, forget
     save_generator(generator, out / "generator", record=record, overwrite=overwrite)  # the model card records the run
     write_json(metrics, out / "metrics.json")
     return metrics
+
+
+def demo_quality(drawn: dict, spec: ForgetSpec, shape, device) -> dict:
+    """FID on the remain classes and feature spread, generator vs teacher, in the independent LeNet
+    features (nothing was tuned on them; eval/fid_network.py). Empty for images it was not trained on."""
+    from ..eval.fid_network import FID_NETWORK_NAME, FID_NETWORK_SHAPE, independent_features
+    from ..eval.quality import quality_of_images
+    from ..io.data import load_embedded_mnist
+
+    if tuple(shape) != FID_NETWORK_SHAPE:
+        return {}
+    real = load_embedded_mnist("test", shape[-1])
+    spaces = {"lenet": independent_features(device=device)}
+    q = {who: quality_of_images(d["remain"], d["remain_labels"], d["forget"], d["forget_labels"], spaces,
+                                *real)["lenet"] for who, d in drawn.items()}
+    out = {"fid_features": FID_NETWORK_NAME, "fid": q["generator"]["fid"], "teacher_fid": q["teacher"]["fid"],
+           "fid_ratio_to_teacher": q["generator"]["fid"] / q["teacher"]["fid"],
+           "class_variance_ratio_to_teacher": q["generator"]["mean_class_variance"] / q["teacher"]["mean_class_variance"]}
+    if spec.override is not None:  # the forget class drawn as its override vs the teacher's own override class
+        ratios = [q["generator"]["forget_variance"][str(f)] / q["teacher"]["class_variance"][str(o)]
+                  for f, o in zip(spec.forget, spec.override) if str(o) in q["teacher"]["class_variance"]]
+        out["override_variance_ratio_to_teacher"] = sum(ratios) / len(ratios) if ratios else None
+    return out
 
 
 def acceptance(m: dict) -> dict[str, bool]:

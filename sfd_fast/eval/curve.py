@@ -24,7 +24,7 @@ from ..core.step import train_step
 from .evaluate import teacher_sampler
 from .fid import FeatureNetwork, fid_between
 from .metrics import unlearning_metrics
-from .quality import quality_metrics, real_class_variance
+from .quality import quality_of_images, real_class_variance
 
 CURVE_METHODS = ("sfd", "sid")
 
@@ -51,8 +51,11 @@ class CurveConfig:
 
 
 def _evaluate(sampler, spec: ForgetSpec, shape, spaces: dict[str, FeatureNetwork], classifier, real, cfg) -> dict:
-    row = unlearning_metrics(sampler, classifier, spec, shape, per_class=cfg.per_class, seed=cfg.seed + 100)
-    row.update(quality_metrics(sampler, spec, shape, spaces, *real, per_class=cfg.per_class, seed=cfg.seed))
+    samples: dict = {}  # accuracy and quality read the same samples
+    row = unlearning_metrics(sampler, classifier, spec, shape, per_class=cfg.per_class, seed=cfg.seed,
+                             samples=samples)
+    row.update(quality_of_images(samples["remain"], samples["remain_labels"], samples["forget"],
+                                 samples["forget_labels"], spaces, *real))
     return row
 
 

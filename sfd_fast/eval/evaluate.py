@@ -65,9 +65,9 @@ def class_grid(sampler, num_classes: int, per_row: int, image_shape, path: str |
 
 
 def evaluate_sampler(sampler, nfe: int, classifier, spec: ForgetSpec, image_shape, *, per_class: int, seed: int,
-                     prefix: str = "", device: str | torch.device = "cpu") -> dict[str, float]:
+                     prefix: str = "", device: str | torch.device = "cpu", samples: dict | None = None) -> dict[str, float]:
     metrics = unlearning_metrics(sampler, classifier, spec, image_shape, per_class=per_class, seed=seed,
-                                 device=device, prefix=prefix)
+                                 device=device, prefix=prefix, samples=samples)
     metrics[prefix + "nfe"] = nfe
     return metrics
 

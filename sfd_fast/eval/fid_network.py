@@ -23,6 +23,7 @@ from .fid import ClassifierFeatures
 
 FID_NETWORK_FILE = Path(__file__).resolve().parents[1] / "assets" / "fid_lenet.safetensors"
 FID_NETWORK_NAME = "independent LeNet features"
+FID_NETWORK_SHAPE = (1, 16, 16)  # the images the embedded one was trained on (C, H, W)
 KIND = "lenet_fid_features"
 
 
@@ -76,4 +77,4 @@ def train_fid_network(images: torch.Tensor, labels: torch.Tensor, *, epochs: int
                             augment=False, desc="fid network")
 
 
-__all__ = ["FID_NETWORK_FILE", "FID_NETWORK_NAME", "LeNetFeatures", "independent_features", "train_fid_network"]
+__all__ = ["FID_NETWORK_FILE", "FID_NETWORK_NAME", "FID_NETWORK_SHAPE", "LeNetFeatures", "independent_features", "train_fid_network"]

@@ -47,8 +47,12 @@ def generate_per_class(sampler: Sampler, classes: list[int], per_class: int, ima
 @torch.no_grad()
 def unlearning_metrics(sampler: Sampler, classifier, spec: ForgetSpec, image_shape: tuple[int, ...], *,
                        per_class: int = 100, seed: int = 0, device: torch.device | str = "cpu",
-                       prefix: str = "") -> dict[str, float]:
-    """forget/unlearning/override/remain accuracy of ``sampler`` judged by ``classifier``."""
+                       prefix: str = "", samples: dict | None = None) -> dict[str, float]:
+    """forget/unlearning/override/remain accuracy of ``sampler`` judged by ``classifier``.
+
+    ``samples``: a dict that receives the images it drew (keys forget, forget_labels, remain,
+    remain_labels), for metrics read off the same samples (``quality.quality_of_images``).
+    """
     out: dict[str, float] = {}
     images_f, labels_f = generate_per_class(sampler, list(spec.forget), per_class, image_shape,
                                             seed=seed, device=device)
@@ -65,4 +69,6 @@ def unlearning_metrics(sampler: Sampler, classifier, spec: ForgetSpec, image_sha
     images_r, labels_r = generate_per_class(sampler, list(spec.remain), per_class, image_shape,
                                             seed=seed + 1, device=device)
     out[prefix + "remain_accuracy"] = remain_accuracy(classifier.predict(images_r), labels_r)
+    if samples is not None:
+        samples.update(forget=images_f, forget_labels=labels_f, remain=images_r, remain_labels=labels_r)
     return out

@@ -34,6 +34,14 @@ def quality_metrics(sampler: Sampler, spec: ForgetSpec, image_shape: tuple[int, 
     images, labels = generate_per_class(sampler, remain, per_class, image_shape, seed=seed, device=device)
     images_f, labels_f = generate_per_class(sampler, list(spec.forget), per_class, image_shape, seed=seed + 1,
                                             device=device)
+    return quality_of_images(images, labels, images_f, labels_f, spaces, real_images, real_labels)
+
+
+def quality_of_images(images: torch.Tensor, labels: torch.Tensor, images_f: torch.Tensor, labels_f: torch.Tensor,
+                      spaces: dict[str, FeatureNetwork], real_images: torch.Tensor,
+                      real_labels: torch.Tensor) -> dict[str, dict]:
+    """``quality_metrics`` of samples already drawn: remain-class ``images``/``labels``, forget-class ``images_f``."""
+    remain = sorted(int(k) for k in labels.unique())
     keep = torch.isin(real_labels, torch.tensor(remain, device=real_labels.device))
     real = real_images[keep].to(images.device)
     out = {}
@@ -42,7 +50,7 @@ def quality_metrics(sampler: Sampler, spec: ForgetSpec, image_shape: tuple[int, 
         row = {"fid": frechet_distance(*feature_statistics(feats), *feature_statistics(features(real))),
                "fid_features": features.name,
                "class_variance": {str(k): total_variance(feats[labels == k]) for k in remain},
-               "forget_variance": {str(k): total_variance(feats_f[labels_f == k]) for k in spec.forget}}
+               "forget_variance": {str(int(k)): total_variance(feats_f[labels_f == k]) for k in labels_f.unique()}}
         row["mean_class_variance"] = sum(row["class_variance"].values()) / len(remain)
         out[key] = row
     return out
@@ -54,4 +62,4 @@ def real_class_variance(features: FeatureNetwork, images: torch.Tensor, labels: 
     return {str(int(k)): total_variance(feats[labels == k]) for k in labels.unique()}
 
 
-__all__ = ["total_variance", "quality_metrics", "real_class_variance"]
+__all__ = ["total_variance", "quality_metrics", "quality_of_images", "real_class_variance"]
