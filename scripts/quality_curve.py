@@ -70,8 +70,30 @@ def _commit() -> str:
         return "unknown"
 
 
+def curve_table(result: dict) -> str:
+    """Markdown: one row per (method, step), FIDs and spreads as ratios to the teacher's."""
+    t = result["teacher"]
+    t_var = t["independent"]["mean_class_variance"]
+    floor = result["floor_real_train_vs_test"]
+    lines = ["| method | steps | train s | FID LeNet ↓ | x teacher | FID classifier ↓ | class variance / teacher's "
+             "(LeNet) | forget acc | override | remain acc |", "|---|---|---|---|---|---|---|---|---|---|",
+             f"| real train vs test (floor) | – | – | {floor['independent']['fid']:.2f} | – | "
+             f"{floor['classifier']['fid']:.2f} | – | – | – | – |",
+             f"| teacher, Heun {result['config']['teacher_steps']} steps | – | – | {t['independent']['fid']:.2f} | 1.00 | "
+             f"{t['classifier']['fid']:.2f} | 1.00 | {t['forget_accuracy']:.3f} | {t['override_rate']:.3f} | "
+             f"{t['remain_accuracy']:.3f} |"]
+    for method, run in result["methods"].items():
+        for p in run["points"]:
+            lines.append(f"| {method} | {p['step']} | {p['train_seconds']:.0f} | {p['independent']['fid']:.2f} | "
+                         f"{p['independent']['fid'] / t['independent']['fid']:.2f} | {p['classifier']['fid']:.2f} | "
+                         f"{p['independent']['mean_class_variance'] / t_var:.2f} | {p['forget_accuracy']:.3f} | "
+                         f"{p['override_rate']:.3f} | {p['remain_accuracy']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_outputs(result: dict, out: Path) -> None:
     write_json(result, out / "curve.json")
+    atomic_write_bytes(out / "curve.md", curve_table(result).encode())
     series = {f"{m} (LeNet)": [(p["step"], p["independent"]["fid"]) for p in r["points"]]
               for m, r in result["methods"].items()}
     levels = {"teacher": result["teacher"]["independent"]["fid"],
@@ -80,7 +102,7 @@ def write_outputs(result: dict, out: Path) -> None:
                                                      "features (lower is better)", "training steps"))
     print(json.dumps({m: [(p["step"], round(p["independent"]["fid"], 2), round(p["classifier"]["fid"], 2))
                           for p in r["points"]] for m, r in result["methods"].items()}))
-    print(f"teacher {levels['teacher']:.2f}, floor {levels['real floor']:.2f}; wrote {out}/curve.json, curve.png")
+    print(f"teacher {levels['teacher']:.2f}, floor {levels['real floor']:.2f}; wrote {out}/curve.json, .md, .png")
 
 
 def merge(parts: list[Path], out: Path) -> int:
