@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 from evalb_helpers import small_classifier
@@ -13,16 +14,23 @@ from sfd_fast.eval.compare import METHODS, CompareConfig
 from sfd_fast.models.networks import save_denoiser
 
 
-def test_compare_runs_every_method_and_writes_table_plots_and_grids(tmp_path, tiny_teacher, capsys):
-    save_denoiser(tiny_teacher, tmp_path / "teacher")
+def _tiny_compare(tmp_path, teacher, *extra: str) -> Path:
+    """``sfd-fast compare`` on the tiny teacher with the smallest budgets; returns its --out."""
+    save_denoiser(teacher, tmp_path / "teacher")
     small_classifier().save(tmp_path / "clf.safetensors")
     out = tmp_path / "cmp"
     rc = main(["compare", "--teacher", str(tmp_path / "teacher"), "--classifier", str(tmp_path / "clf.safetensors"),
-               "--out", str(out), "--distill-steps", "1", "--finetune-steps", "1", "--finetune-batch", "2",
-               "--robust-inner-steps", "1", "--teacher-steps", "2", "--attack-steps", "1", "--attack-samples", "2",
-               "--attack-sampler-steps", "1", "--per-class", "3", "--set", "batch_size=2",
-               "--set", "forget_batch_size=2", "--fid-features", "classifier", "--train-seeds", "0", "--no-progress"])
+               "--out", str(out), "--finetune-steps", "1", "--finetune-batch", "2", "--teacher-steps", "2",
+               "--attack-steps", "1", "--attack-samples", "2", "--attack-sampler-steps", "1", "--per-class", "3",
+               "--set", "batch_size=2", "--set", "forget_batch_size=2", "--fid-features", "classifier",
+               "--no-progress", *extra])
     assert rc == 0
+    return out
+
+
+def test_compare_runs_every_method_and_writes_table_plots_and_grids(tmp_path, tiny_teacher, capsys):
+    out = _tiny_compare(tmp_path, tiny_teacher, "--distill-steps", "1", "--robust-inner-steps", "1",
+                        "--train-seeds", "0")
     rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
     assert list(rows) == list(METHODS)
     # Same sampler, same noise: retention against itself is exactly 0.
@@ -58,15 +66,8 @@ def test_report_marks_missing_values_and_names_the_fid_features():
 
 
 def test_two_training_seeds_give_mean_spread_and_the_sid_noise_floor(tmp_path, tiny_teacher):
-    save_denoiser(tiny_teacher, tmp_path / "teacher")
-    small_classifier().save(tmp_path / "clf.safetensors")
-    out = tmp_path / "cmp"
-    rc = main(["compare", "--teacher", str(tmp_path / "teacher"), "--classifier", str(tmp_path / "clf.safetensors"),
-               "--out", str(out), "--methods", "teacher,sid,esd", "--distill-steps", "2", "--finetune-steps", "1",
-               "--finetune-batch", "2", "--teacher-steps", "2", "--attack-steps", "1", "--attack-samples", "2",
-               "--attack-sampler-steps", "1", "--per-class", "3", "--set", "batch_size=2", "--set",
-               "forget_batch_size=2", "--fid-features", "classifier", "--train-seeds", "0,1", "--no-progress"])
-    assert rc == 0
+    out = _tiny_compare(tmp_path, tiny_teacher, "--methods", "teacher,sid,esd", "--distill-steps", "2",
+                        "--train-seeds", "0,1")
     report = json.loads((out / "compare.json").read_text())
     rows = {r["method"]: r for r in report["rows"]}
     sid = rows["sid"]

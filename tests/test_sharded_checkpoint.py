@@ -142,6 +142,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _continue_under_ddp(ref, rank: int) -> dict[str, torch.Tensor]:
+    """The reference continuation: ``ref`` (step K) under DDP with the documented resume seed, M steps; its weights."""
+    from sfd_fast.train import distributed
+
+    distributed.distribute_state(ref, "ddp")
+    seed = sc.resume_seed(CFG.seed, K, rank)
+    ref.rng.manual_seed(seed)
+    torch.manual_seed(seed)
+    for _ in range(M):
+        train_step(ref)
+    return _weights(ref)
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     import json
 
@@ -158,13 +171,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     device = distributed.init_from_env("gloo")
     try:
-        distributed.distribute_state(ref, "ddp")
-        seed = sc.resume_seed(CFG.seed, K, rank)  # the documented rule
-        ref.rng.manual_seed(seed)
-        torch.manual_seed(seed)
-        for _ in range(M):
-            train_step(ref)
-        ref_weights = _weights(ref)
+        ref_weights = _continue_under_ddp(ref, rank)
         # 1 -> 2 through the sharded checkpoint (DCP re-shards one process's file onto 2 ranks).
         state = SFDState.create(CFG, _teacher(), device)
         distributed.distribute_state(state, "fsdp", distributed.FSDPOptions(per_block=False))
@@ -224,13 +231,7 @@ def _worker_four(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     device = distributed.init_from_env("gloo")
     try:
-        distributed.distribute_state(ref, "ddp")
-        seed = sc.resume_seed(CFG.seed, K, rank)
-        ref.rng.manual_seed(seed)
-        torch.manual_seed(seed)
-        for _ in range(M):
-            train_step(ref)
-        want = _weights(ref)
+        want = _continue_under_ddp(ref, rank)
         state = SFDState.create(CFG, _teacher(), device)
         distributed.distribute_state(state, "fsdp", distributed.FSDPOptions(per_block=False))
         sc.load_sharded_checkpoint(os.path.join(out, "two", f"step-{K:08d}"), state)

@@ -36,7 +36,7 @@ METHODS = ("esd", "retain_distill", "advunlearn")
 # Adam lr per method when FinetuneConfig.lr is None. Whole-network fine-tuning moves every weight
 # by ~lr per step, so 1e-4 suffices; AdvUnlearn trains one class-embedding row (norm ~11, entries
 # ~0.8 on the demo teacher), which 1e-4 x 20 steps moved by 0.1% of its norm - a no-op (issue 15).
-# 1e-2 lets it move a sizeable fraction of its norm within a compare budget (measured in docs/compare).
+# 1e-2 moves it by a sizeable fraction of its norm within a compare budget (tests/test_baselines.py).
 DEFAULT_LR = {"esd": 1e-4, "retain_distill": 1e-4, "advunlearn": 1e-2}
 
 

@@ -96,8 +96,8 @@ def demo_quality(drawn: dict, spec: ForgetSpec, shape, device) -> dict:
            "class_variance_ratio_to_teacher": q["generator"]["mean_class_variance"] / q["teacher"]["mean_class_variance"]}
     if spec.override is not None:  # the forget class drawn as its override vs the teacher's own override class
         ratios = [q["generator"]["forget_variance"][str(f)] / q["teacher"]["class_variance"][str(o)]
-                  for f, o in zip(spec.forget, spec.override) if str(o) in q["teacher"]["class_variance"]]
-        out["override_variance_ratio_to_teacher"] = sum(ratios) / len(ratios) if ratios else None
+                  for f, o in zip(spec.forget, spec.override)]  # an override is always a remaining class
+        out["override_variance_ratio_to_teacher"] = sum(ratios) / len(ratios)
     return out
 
 

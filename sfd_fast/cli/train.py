@@ -34,22 +34,27 @@ def add_parsers(sub) -> None:
     add_common(p)
     p.set_defaults(handler=run_pretrain_teacher)
 
-    for name, help_, description, epochs, seed, out_help in (
+    from ..eval.classifier import train_classifier
+    from ..eval.fid_network import train_fid_network
+
+    for name, help_, description, epochs, seed, out_help, train, what in (
             ("train-classifier", "train the evaluation classifier on the embedded data",
              "Train the small CNN that scores generated digits; saves its weights (.safetensors) and its config "
              "(.json beside them: channels, num_classes, feature_dim, resolution), which `sfd-fast evaluate "
-             "--classifier` reads.", 8, 0, "output .safetensors file (the .json goes beside it)"),
+             "--classifier` reads.", 8, 0, "output .safetensors file (the .json goes beside it)", train_classifier,
+             "classifier"),
             ("train-fid-network", "train the independent FID feature network on the embedded data",
              "Train the LeNet whose 256 features quality (FID, feature variance) is reported in. Nothing is "
              "trained, tuned or selected on it (sfd_fast/eval/fid_network.py); the embedded one is "
-             "sfd_fast/assets/fid_lenet.safetensors.", 6, 1, "output .safetensors file")):
+             "sfd_fast/assets/fid_lenet.safetensors.", 6, 1, "output .safetensors file", train_fid_network,
+             "FID network")):
         p = sub.add_parser(name, help=help_, description=description)
         p.add_argument("--out", type=Path, required=True, help=out_help)
         p.add_argument("--resolution", type=int, default=16, help="image side (default: 16)")
         p.add_argument("--epochs", type=int, default=epochs, help=f"training epochs (default: {epochs})")
         add_overwrite_arg(p, "--out")
         add_common(p, seed=seed)
-        p.set_defaults(handler=run_train_digit_network)
+        p.set_defaults(handler=run_train_digit_network, train=train, what=what)
 
     p = sub.add_parser("distill", help="run SFD on a teacher from a local directory",
                        description="Distil a class-conditional teacher (--teacher: a directory written by "
@@ -146,8 +151,6 @@ def run_pretrain_teacher(args) -> int:
 
 def run_train_digit_network(args) -> int:
     """``train-classifier`` and ``train-fid-network``: train on the embedded digits, report held-out accuracy."""
-    from ..eval.classifier import train_classifier
-    from ..eval.fid_network import train_fid_network
     from ..io.data import load_embedded_mnist
 
     if args.out.suffix != ".safetensors":
@@ -157,14 +160,12 @@ def run_train_digit_network(args) -> int:
     if args.out.exists() and not args.overwrite:
         raise ValueError(f"--out {str(args.out)!r} exists; pass --overwrite to replace it")
     check_writable_dir(args.out.parent)
-    train, what = ((train_classifier, "classifier") if args.command == "train-classifier"
-                   else (train_fid_network, "FID network"))
     images, labels = load_embedded_mnist("train", args.resolution)
-    model = train(images, labels, epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
+    model = args.train(images, labels, epochs=args.epochs, seed=args.seed, progress=not args.no_progress)
     test_x, test_y = load_embedded_mnist("test", args.resolution)
     accuracy = (model.predict(test_x) == test_y).float().mean().item()
     model.save(args.out)
-    print(f"saved {what} to {args.out}; test accuracy {accuracy:.4f} on {len(test_y)} held-out digits")
+    print(f"saved {args.what} to {args.out}; test accuracy {accuracy:.4f} on {len(test_y)} held-out digits")
     return 0
 
 

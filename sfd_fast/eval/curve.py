@@ -22,7 +22,7 @@ from ..core.forget import ForgetSpec
 from ..core.state import SFDState
 from ..core.step import train_step
 from .evaluate import teacher_sampler
-from .fid import FeatureNetwork, fid_between
+from .fid import ClassifierFeatures, FeatureNetwork, fid_between
 from .metrics import unlearning_metrics
 from .quality import quality_of_images, real_class_variance
 
@@ -62,8 +62,6 @@ def _evaluate(sampler, spec: ForgetSpec, shape, spaces: dict[str, FeatureNetwork
 def run_curve(teacher: nn.Module, classifier: nn.Module, independent: FeatureNetwork, real_test, real_train,
               cfg: CurveConfig, *, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """``real_test``/``real_train``: (images, labels) pairs of held-out and training digits in [-1, 1]."""
-    from .fid import ClassifierFeatures
-
     spec = ForgetSpec.from_config(cfg.sfd, teacher.num_classes)
     teacher = teacher.eval().requires_grad_(False)
     shape = teacher.image_shape

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..io.atomic import CheckpointError, load_tensors, save_tensors
-from .classifier import FeatureClassifier
+from .classifier import FeatureClassifier, train_classifier
 from .fid import ClassifierFeatures
 
 FID_NETWORK_FILE = Path(__file__).resolve().parents[1] / "assets" / "fid_lenet.safetensors"
@@ -70,8 +70,6 @@ def independent_features(path: str | Path = FID_NETWORK_FILE, device: str | torc
 def train_fid_network(images: torch.Tensor, labels: torch.Tensor, *, epochs: int = 6, seed: int = 1,
                       progress: bool = True) -> LeNetFeatures:
     """Train on real (N, C, H, W) digits in [-1, 1], no augmentation (seed 1: the classifier used 0)."""
-    from .classifier import train_classifier
-
     model = LeNetFeatures(images.shape[1], int(labels.max()) + 1, images.shape[-1])
     return train_classifier(images, labels, epochs=epochs, seed=seed, progress=progress, model=model,
                             augment=False, desc="fid network")

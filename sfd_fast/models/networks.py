@@ -26,7 +26,7 @@ from torch import nn
 
 from ..io.atomic import CheckpointError, check_replaceable, read_json_object, replace_dir, staging_dir
 from .ddpm_schedule import log_sigma_table, timestep_of_sigma
-from .unet import _require_class_conditioning, unet_image_shape
+from .unet import _require_class_conditioning, resize_class_table, unet_image_shape
 
 DENOISER_META = "sfd_fast.json"  # sidecar naming the parameterisation of a saved denoiser
 
@@ -181,7 +181,7 @@ class OneStepGenerator(nn.Module):
         if getattr(self.denoiser, "null_label", None) is not None:
             # G is never asked for the null label (it came with the teacher's table): the folder holds
             # the real classes only, so the pipeline's classes are the teacher's classes.
-            unet = _without_last_class_row(unet)
+            unet = resize_class_table(unet, int(unet.config.num_class_embeds) - 1)
         return OneStepPipeline(unet=unet, scheduler=self.one_step_scheduler())
 
     @classmethod
@@ -208,19 +208,6 @@ class OneStepGenerator(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "OneStepGenerator":
         """``load_generator(path, device)``."""
         return load_generator(path, device)
-
-
-def _without_last_class_row(unet: nn.Module) -> nn.Module:
-    """A copy of a class-conditional UNet2DModel whose embedding table lacks its last (null) row."""
-    from diffusers import UNet2DModel
-
-    rows = int(unet.config.num_class_embeds)
-    trimmed = UNet2DModel.from_config({**dict(unet.config), "num_class_embeds": rows - 1})
-    state = unet.state_dict()
-    state["class_embedding.weight"] = state["class_embedding.weight"][: rows - 1]
-    trimmed.load_state_dict(state)
-    _require_class_conditioning(trimmed)
-    return trimmed.to(device=unet.device, dtype=unet.dtype).train(unet.training)
 
 
 # --------------------------------------------------------------------------- persistence

@@ -87,6 +87,27 @@ def _require_class_conditioning(unet: nn.Module, where: str = "the UNet") -> Non
         unet.class_embedding = new
 
 
+def resize_class_table(unet: nn.Module, rows: int, extra_row: torch.Tensor | None = None) -> nn.Module:
+    """A copy of a class-conditional UNet2DModel with ``rows`` class-embedding rows: the first rows of
+    its table, then ``extra_row`` when it grows by one (the null label of label-dropout teachers)."""
+    from diffusers import UNet2DModel
+
+    old = int(unet.config.num_class_embeds)
+    table = unet.class_embedding.weight.detach()
+    if rows == old + 1 and extra_row is not None:
+        new_table = torch.cat([table, extra_row.reshape(1, -1).to(table)])
+    elif rows < old and extra_row is None:
+        new_table = table[:rows]
+    else:
+        raise ValueError(f"resize_class_table: {old} -> {rows} rows needs extra_row exactly when growing by one")
+    resized = UNet2DModel.from_config({**dict(unet.config), "num_class_embeds": rows})
+    state = unet.state_dict()
+    state["class_embedding.weight"] = new_table
+    resized.load_state_dict(state)
+    _require_class_conditioning(resized)
+    return resized.to(device=table.device, dtype=table.dtype).train(unet.training)
+
+
 def unet_image_shape(unet: nn.Module) -> tuple[int, int, int]:
     """(C, H, W) of the images a diffusers UNet takes (``sample_size`` may be an int or a pair)."""
     size = unet.config.sample_size

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..core.ema import ema_beta, update_ema
 from ..core.losses import edm_denoising_loss, edm_loss_weight, edm_training_sigma
 from ..models.networks import EDMDenoiser
-from ..models.unet import UNetConfig, build_unet
+from ..models.unet import UNetConfig, build_unet, resize_class_table
 
 
 def pretrain_teacher(images: torch.Tensor, labels: torch.Tensor, unet_config: UNetConfig, *,
@@ -75,13 +75,7 @@ def pretrain_teacher(images: torch.Tensor, labels: torch.Tensor, unet_config: UN
 
 def with_null_row(teacher: EDMDenoiser) -> EDMDenoiser:
     """``teacher`` with one more class-embedding row, the null label, started at the mean of the class rows."""
-    from diffusers import UNet2DModel
-
-    unet = teacher.unet
-    rows = int(unet.config.num_class_embeds)
-    grown = UNet2DModel.from_config({**dict(unet.config), "num_class_embeds": rows + 1})
-    state = unet.state_dict()
-    table = state["class_embedding.weight"]
-    state["class_embedding.weight"] = torch.cat([table, table.mean(0, keepdim=True)])
-    grown.load_state_dict(state)
-    return EDMDenoiser(grown.to(table.device), teacher.sigma_data, null_label=rows).train(teacher.training)
+    rows = int(teacher.unet.config.num_class_embeds)
+    table = teacher.unet.class_embedding.weight.detach()
+    grown = resize_class_table(teacher.unet, rows + 1, extra_row=table.mean(0))
+    return EDMDenoiser(grown, teacher.sigma_data, null_label=rows).train(teacher.training)
