@@ -159,6 +159,8 @@ CASES = [
          ("compare", "--teacher", "{teacher}", "--out", "{w}/out", "--fid-features", "lenet", "--no-progress"), 2,
          r"--fid-features lenet reads \(1, 16, 16\) digits; the teacher makes \(1, 8, 8\) images: pass "
          r"--fid-features classifier or --inception-onnx", ("out",)),
+    Case("compare --jobs 0", EXIT, ("compare", "--teacher", "{teacher}", "--out", "{w}/out", "--jobs", "0",
+                                   "--no-progress"), 2, r"--jobs must be >= 1, got 0", ("out",)),
 ]
 
 # Rows that need a process, a signal, a server or a damaged checkpoint: tested in these files.

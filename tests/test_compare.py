@@ -14,11 +14,15 @@ from sfd_fast.eval.compare import METHODS, CompareConfig
 from sfd_fast.models.networks import save_denoiser
 
 
-def _tiny_compare(tmp_path, teacher, *extra: str) -> Path:
-    """``sfd-fast compare`` on the tiny teacher with the smallest budgets; returns its --out."""
-    save_denoiser(teacher, tmp_path / "teacher")
-    small_classifier().save(tmp_path / "clf.safetensors")
-    out = tmp_path / "cmp"
+def _tiny_compare(tmp_path, teacher, *extra: str, name: str = "cmp") -> Path:
+    """``sfd-fast compare`` on the tiny teacher with the smallest budgets; returns its --out (``tmp_path/name``).
+
+    The teacher and classifier files are written once per ``tmp_path``: later runs read the same ones.
+    """
+    if not (tmp_path / "clf.safetensors").exists():
+        save_denoiser(teacher, tmp_path / "teacher")
+        small_classifier().save(tmp_path / "clf.safetensors")
+    out = tmp_path / name
     rc = main(["compare", "--teacher", str(tmp_path / "teacher"), "--classifier", str(tmp_path / "clf.safetensors"),
                "--out", str(out), "--finetune-steps", "1", "--finetune-batch", "2", "--teacher-steps", "2",
                "--attack-steps", "1", "--attack-samples", "2", "--attack-sampler-steps", "1", "--per-class", "3",
@@ -82,3 +86,30 @@ def test_two_training_seeds_give_mean_spread_and_the_sid_noise_floor(tmp_path, t
     assert "Noise floor, plain SiD seed against seed" in md and " ± " in md
     with pytest.raises(SystemExit):
         main(["compare", "--train-seeds", "0,0"])
+
+
+def test_seeds_in_worker_processes_give_the_rows_of_one_process(tmp_path, tiny_teacher):
+    """--jobs 2 trains each seed in its own spawned process at 1 thread: same rows as in-process at 1 thread."""
+    import torch
+
+    extra = ("--methods", "teacher,sid,sfd", "--distill-steps", "2", "--train-seeds", "0,1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = _tiny_compare(tmp_path, tiny_teacher, *extra, name="serial")
+    finally:
+        torch.set_num_threads(threads)
+    torch.set_num_threads(2)  # two workers at 1 thread each
+    try:
+        parallel = _tiny_compare(tmp_path, tiny_teacher, *extra, "--jobs", "2", name="parallel")
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (json.loads((d / "compare.json").read_text()) for d in (serial, parallel))
+    assert b["meta"]["jobs"] == 2 and b["meta"]["threads_per_job"] == 1
+    for row_a, row_b in zip(a["rows"], b["rows"]):
+        for seed in ("0", "1"):
+            for key in ("fid", "forget_accuracy", "remain_accuracy", "retention_vs_teacher", "asr_after"):
+                assert row_b["seeds"][seed][key] == pytest.approx(row_a["seeds"][seed][key], rel=1e-5, abs=1e-6), key
+    assert b["meta"]["noise_floor"]["sid_retention_seed_vs_seed"] == pytest.approx(
+        a["meta"]["noise_floor"]["sid_retention_seed_vs_seed"], rel=1e-5)
+    assert {p.name for p in parallel.glob("samples_*.png")} == {f"samples_{m}.png" for m in ("teacher", "sid", "sfd")}

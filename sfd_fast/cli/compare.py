@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import platform
 import shlex
@@ -30,15 +31,39 @@ def environment() -> str:
             f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
 
 
+class FifthsProgress:
+    """Prints each method's progress at every fifth of its steps (picklable, for --jobs workers)."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, int] = {}
+
+    def __call__(self, method: str, i: int, n: int) -> None:
+        if (i == n or i % max(1, n // 5) == 0) and self.last.get(method) != i:
+            self.last[method] = i
+            print(f"  {method}: {i}/{n}", file=sys.stderr, flush=True)
+
+
+def _first_seed_grid(out: Path, num_classes: int, shape, device: str, first_seed: int, method: str, seed: int,
+                     trained) -> None:
+    """One sample grid per method, from the first training seed."""
+    if seed == first_seed:
+        class_grid(trained.sampler, num_classes, 8, shape, out / f"samples_{method}.png", device=device)
+
+
 def compare_main(teacher_dir, classifier_path, out: Path, cfg: CompareConfig, *, seeds: tuple[int, ...] = (0,),
                  real_split: str = "test", fid_features: str = "lenet", inception_onnx: Path | None = None,
-                 device: str = "cpu", progress: bool = True) -> list[dict]:
+                 device: str = "cpu", progress: bool = True, jobs: int = 1) -> list[dict]:
     from ..eval.classifier import DigitClassifier
     from ..eval.fid import ClassifierFeatures, OnnxFeatures
     from ..eval.fid_network import FID_NETWORK_SHAPE, independent_features
     from ..io.data import load_embedded_mnist
     from ..models.networks import load_denoiser
 
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    if jobs > 1 and inception_onnx is not None:
+        raise ValueError("--jobs > 1 cannot share an onnxruntime session with worker processes: "
+                         "use --jobs 1 with --inception-onnx")
     teacher = load_denoiser(teacher_dir, device)
     classifier = DigitClassifier.load(classifier_path, device).requires_grad_(False)
     images, labels = load_embedded_mnist(real_split, teacher.image_shape[-1])
@@ -52,24 +77,15 @@ def compare_main(teacher_dir, classifier_path, out: Path, cfg: CompareConfig, *,
     else:
         features = ClassifierFeatures(classifier)
     out.mkdir(parents=True, exist_ok=True)
-    last = {}
-
-    def report(method: str, i: int, n: int) -> None:
-        if progress and (i == n or i % max(1, n // 5) == 0) and last.get(method) != i:
-            last[method] = i
-            print(f"  {method}: {i}/{n}", file=sys.stderr, flush=True)
-
-    def grid(method, seed, trained):  # the first seed's samples, one grid per method
-        if seed == seeds[0]:
-            class_grid(trained.sampler, teacher.num_classes, 8, teacher.image_shape, out / f"samples_{method}.png",
-                       device=device)
-
+    threads_per_job = max(1, torch.get_num_threads() // jobs)
+    grid = functools.partial(_first_seed_grid, out, teacher.num_classes, teacher.image_shape, device, seeds[0])
     rows, floor = run_compare_seeds(teacher, classifier, images.to(device), labels.to(device), cfg, list(seeds),
-                                    features=features, progress=report, on_trained=grid)
+                                    features=features, progress=FifthsProgress() if progress else None,
+                                    on_trained=grid, jobs=jobs, threads_per_job=threads_per_job)
     meta = {"command": "sfd-fast " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("sfd-fast") else
             shlex.join(sys.argv), "config": cfg.to_dict(), "environment": environment(),
             "real_split": real_split, "teacher": str(teacher_dir), "classifier": str(classifier_path),
-            "noise_floor": floor}
+            "noise_floor": floor, "jobs": jobs, "threads_per_job": threads_per_job if jobs > 1 else None}
     write_report(rows, meta, out)
     print(markdown_table(rows))
     return rows
@@ -122,6 +138,9 @@ def add_parsers(sub) -> None:
                         "sfd_fast/eval/fid_network.py) or the evaluation classifier's (default: lenet)")
     p.add_argument("--inception-onnx", type=Path, default=None,
                    help="local ONNX feature network for FID (e.g. Inception pool3); overrides --fid-features")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train the seeds in this many worker processes at once, each with the torch threads "
+                        "divided between them (at least 1); the seeds are independent (default: 1)")
     add_forget_args(p)
     add_common(p)
     p.set_defaults(handler=run)
@@ -149,6 +168,6 @@ def run(args) -> int:
         attack_sampler_steps=args.attack_sampler_steps, per_class=args.per_class, seed=args.seed)
     compare_main(args.teacher or TEACHER_DIR, args.classifier or CLASSIFIER_FILE, args.out, cfg,
                  seeds=args.train_seeds, fid_features=args.fid_features, inception_onnx=args.inception_onnx,
-                 device=args.device, progress=not args.no_progress)
+                 device=args.device, progress=not args.no_progress, jobs=args.jobs)
     print(f"wrote {args.out}/compare.md, compare.json, compare.csv, compare.png, samples_*.png")
     return 0

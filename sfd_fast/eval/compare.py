@@ -14,7 +14,9 @@ class), attack success rate before/after the class-embedding attack, training wa
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
@@ -188,28 +190,57 @@ def summarize_seeds(per_seed: list[list[dict]], seeds: list[int]) -> list[dict]:
     return out
 
 
+def _one_seed(teacher: nn.Module, classifier: nn.Module, real_images: torch.Tensor, real_labels: torch.Tensor,
+              cfg: CompareConfig, seed: int, features: FeatureNetwork | None, progress, on_trained):
+    """``run_compare`` with training seed ``seed``: (rows, plain SiD's remain images or None).
+
+    Top level and free of closures over the caller, so a worker process can run it.
+    """
+    sid: dict = {}
+
+    def keep(method, images):
+        if method == "sid":
+            sid["images"] = images
+
+    report = (lambda m, i, n: progress(f"{m} (seed {seed})", i, n)) if progress else None
+    trained = (lambda m, t: on_trained(m, seed, t)) if on_trained else None
+    rows = run_compare(teacher, classifier, real_images, real_labels, with_training_seed(cfg, seed),
+                       features=features, progress=report, on_trained=trained, on_images=keep)
+    return rows, sid.get("images")
+
+
 def run_compare_seeds(teacher: nn.Module, classifier: nn.Module, real_images: torch.Tensor,
                       real_labels: torch.Tensor, cfg: CompareConfig, seeds: list[int], *,
                       features: FeatureNetwork | None = None,
                       progress: Callable[[str, int, int], None] | None = None,
-                      on_trained: Callable[[str, int, Trained], None] | None = None) -> tuple[list[dict], dict]:
+                      on_trained: Callable[[str, int, Trained], None] | None = None,
+                      jobs: int = 1, threads_per_job: int = 1) -> tuple[list[dict], dict]:
     """``run_compare`` once per training seed: (summary rows, noise floor).
 
     The noise floor is what two runs of the same method differ by with nothing changed but the
     seed: plain SiD seed against seed, in retention (same noise, same class) and in FID. A gap
     between methods smaller than it is not a difference.
+
+    ``jobs > 1`` runs the seeds in that many spawned worker processes at once, each pinned to
+    ``threads_per_job`` torch threads (the seeds are independent; a small model does not fill
+    several cores with intra-op threads). ``features``, ``progress`` and ``on_trained`` must then
+    be picklable (top-level functions, ``functools.partial`` of them, modules).
     """
     if len(seeds) < 1 or len(set(seeds)) != len(seeds):
         raise ValueError(f"training seeds must be distinct and at least one, got {seeds}")
-    per_seed, sid_images = [], {}
-    for seed in seeds:
-        def keep(method, images, seed=seed):
-            if method == "sid":
-                sid_images[seed] = images
-
-        trained = (lambda m, t, seed=seed: on_trained(m, seed, t)) if on_trained else None
-        per_seed.append(run_compare(teacher, classifier, real_images, real_labels, with_training_seed(cfg, seed),
-                                    features=features, progress=progress, on_trained=trained, on_images=keep))
+    if jobs < 1 or threads_per_job < 1:
+        raise ValueError(f"jobs and threads_per_job must be >= 1, got {jobs} and {threads_per_job}")
+    args = [(teacher, classifier, real_images, real_labels, cfg, seed, features, progress, on_trained)
+            for seed in seeds]
+    if jobs == 1 or len(seeds) == 1:
+        results = [_one_seed(*a) for a in args]
+    else:
+        context = multiprocessing.get_context("spawn")  # fork would copy the parent's torch thread pools
+        with ProcessPoolExecutor(min(jobs, len(seeds)), mp_context=context, initializer=torch.set_num_threads,
+                                 initargs=(threads_per_job,)) as pool:
+            results = [f.result() for f in [pool.submit(_one_seed, *a) for a in args]]
+    per_seed = [rows for rows, _ in results]
+    sid_images = {seed: images for seed, (_, images) in zip(seeds, results) if images is not None}
     floor: dict = {"seeds": list(seeds)}
     pairs = [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1:] if a in sid_images and b in sid_images]
     if pairs:
