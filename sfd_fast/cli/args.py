@@ -37,7 +37,7 @@ def add_common(p: argparse.ArgumentParser, seed: int = 0) -> None:
 
 def add_sfd_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="reference", choices=sorted(SFD_PRESETS),
-                   help="SFD hyperparameter preset (default: reference)")
+                   help="SFD hyperparameter preset (default: %(default)s)")
     p.add_argument("--config", type=Path, help="JSON file of SFDConfig fields overriding the preset")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override one SFDConfig field (JSON value), e.g. --set lr_gen=1e-4; repeatable")

@@ -112,7 +112,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--methods", default="teacher,sid,sfd,robust_sfd,esd,retain_distill,advunlearn",
                    help="comma-separated methods (default: all)")
     add_sfd_config_args(p)
-    p.add_argument("--distill-steps", type=int, default=100, help="iterations of sid/sfd/robust_sfd (default: 100)")
+    p.add_argument("--distill-steps", type=int, default=400,
+                   help="iterations of sid/sfd/robust_sfd (default: 400, where plain SiD has flattened and SFD "
+                        "is within its FID on the demo: docs/quality)")
     p.add_argument("--finetune-steps", type=int, default=50, help="iterations of esd/retain_distill/advunlearn (default: 50)")
     p.add_argument("--finetune-lr", type=float, default=None,
                    help="Adam lr of the fine-tuning baselines (default: per method, 1e-4 for esd/retain_distill "
@@ -138,6 +140,7 @@ def add_parsers(sub) -> None:
                         "sfd_fast/eval/fid_network.py) or the evaluation classifier's (default: lenet)")
     p.add_argument("--inception-onnx", type=Path, default=None,
                    help="local ONNX feature network for FID (e.g. Inception pool3); overrides --fid-features")
+    p.set_defaults(preset="demo")  # the default teacher is the embedded demo one; --preset reference for the authors'
     p.add_argument("--jobs", type=int, default=1,
                    help="train the seeds in this many worker processes at once, each with the torch threads "
                         "divided between them (at least 1); the seeds are independent (default: 1)")

@@ -46,7 +46,7 @@ class CompareConfig:
 
     methods: tuple[str, ...] = METHODS
     sfd: SFDConfig = SFDConfig()                       # base of sid/sfd/robust_sfd (forget/override classes too)
-    distill_steps: int = 100                           # iterations of sid, sfd, robust_sfd
+    distill_steps: int = 400                           # iterations of sid, sfd, robust_sfd (docs/quality: converged on the demo)
     robust: RobustConfig = RobustConfig()              # inner attack of robust_sfd
     finetune: FinetuneConfig = FinetuneConfig()        # esd/retain_distill/advunlearn (method field is set per row)
     finetune_steps: int = 50                           # iterations of each fine-tuning baseline
