@@ -155,6 +155,10 @@ CASES = [
          ("pretrain-teacher", "--out", "{w}/out", "--preset", "tiny", "--label-dropout", "1.5", *TINY_STEPS,
           "--no-progress"), 2, r"--label-dropout must be in \[0, 1\) \(0.1 is the usual CFG value\), got 1.5",
          ("out",)),
+    Case("pretrain-teacher --null-row-only without --init", EXIT,
+         ("pretrain-teacher", "--out", "{w}/out", "--preset", "tiny", "--null-row-only", *TINY_STEPS,
+          "--no-progress"), 2, r"--null-row-only trains the null row of the --init teacher: give --init DIR and no "
+         r"--label-dropout \(every label is the null\), got --init None, --label-dropout 0.0", ("out",)),
     Case("compare --fid-features lenet on 8x8 images", EXIT,
          ("compare", "--teacher", "{teacher}", "--out", "{w}/out", "--fid-features", "lenet", "--no-progress"), 2,
          r"--fid-features lenet reads \(1, 16, 16\) digits; the teacher makes \(1, 8, 8\) images: pass "

@@ -53,6 +53,29 @@ def test_label_dropout_pretraining_gives_a_null_label_teacher_that_round_trips(t
         pretrain_teacher(images, labels, config, steps=1, batch_size=4, label_dropout=1.0, progress=False)
 
 
+def test_null_row_only_training_moves_the_null_output_and_leaves_every_class_output_bitwise(tiny_teacher):
+    config = UNetConfig.from_name("tiny")
+    images = torch.rand(16, config.channels, config.resolution, config.resolution) * 2 - 1
+    labels = torch.arange(16) % 10
+    teacher = pretrain_teacher(images, labels, config, steps=3, batch_size=4, lr=1e-2, init=tiny_teacher,
+                               null_row_only=True, progress=False).eval()
+    start = with_null_row(tiny_teacher).eval()  # the null row as it starts: the mean class row
+    assert teacher.null_label == 10
+    table, table0 = teacher.unet.class_embedding.weight, start.unet.class_embedding.weight
+    torch.testing.assert_close(table[:10], table0[:10], rtol=0, atol=0)
+    assert not torch.equal(table[10], table0[10])
+    for (name, p), p0 in zip(teacher.named_parameters(), start.parameters()):
+        if "class_embedding" not in name:
+            assert torch.equal(p, p0), name
+    x, s, c = _inputs(teacher)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x, s, c), start(x, s, c), rtol=0, atol=0)
+        null = torch.full((3,), 10)
+        assert not torch.allclose(teacher(x, s, null), start(x, s, null))
+    with pytest.raises(ValueError, match="null_row_only trains the null row of an init teacher"):
+        pretrain_teacher(images, labels, config, steps=1, batch_size=4, null_row_only=True, progress=False)
+
+
 def test_old_teacher_folders_load_without_a_null_label(tmp_path, tiny_teacher):
     embedded = load_denoiser(ASSETS / "teacher")
     assert embedded.null_label is None and embedded.num_classes == 10

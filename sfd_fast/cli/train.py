@@ -30,6 +30,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--init", type=Path, default=None, metavar="DIR",
                    help="continue from this teacher folder instead of a fresh UNet (with --label-dropout, a "
                         "teacher without a null label gets one; default: train from scratch)")
+    p.add_argument("--null-row-only", action="store_true",
+                   help="with --init: train only the null label's embedding row on unconditional denoising; "
+                        "every other weight is frozen, so the class-conditional outputs (and the teacher's "
+                        "quality) stay exactly as they are")
     add_overwrite_arg(p, "--out")
     add_common(p)
     p.set_defaults(handler=run_pretrain_teacher)
@@ -134,6 +138,10 @@ def run_pretrain_teacher(args) -> int:
     check_replaceable(args.out, "--out", args.overwrite)  # before training, not after it
     if not 0.0 <= args.label_dropout < 1.0:
         raise ValueError(f"--label-dropout must be in [0, 1) (0.1 is the usual CFG value), got {args.label_dropout}")
+    if args.null_row_only and (args.init is None or args.label_dropout > 0):
+        raise ValueError("--null-row-only trains the null row of the --init teacher: give --init DIR and no "
+                         f"--label-dropout (every label is the null), got --init {args.init}, "
+                         f"--label-dropout {args.label_dropout}")
     init = None if args.init is None else load_denoiser(args.init)
     unet_config = UNetConfig.from_name(args.preset)
     if init is not None:
@@ -142,7 +150,8 @@ def run_pretrain_teacher(args) -> int:
     images, labels = load_embedded_mnist("train", unet_config.resolution)
     torch.manual_seed(args.seed)
     teacher = pretrain_teacher(images, labels, unet_config, steps=args.steps, batch_size=args.batch_size,
-                               lr=args.lr, label_dropout=args.label_dropout, init=init, seed=args.seed,
+                               lr=args.lr, label_dropout=args.label_dropout, init=init,
+                               null_row_only=args.null_row_only, seed=args.seed,
                                progress=not args.no_progress)
     save_denoiser(teacher, args.out, overwrite=args.overwrite)
     print(f"saved teacher to {args.out}")
