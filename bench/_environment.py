@@ -20,9 +20,9 @@ import platform
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from sfd_fast.io.provenance import git_commit
+
 # key -> distribution names that provide it (installed versions are read from package metadata,
 # without importing: transformers alone takes seconds, and a TensorRT stub may not import at all)
 LIBRARIES = {"triton": ("triton",), "diffusers": ("diffusers",), "transformers": ("transformers",),
@@ -41,17 +41,6 @@ def _version(distributions: tuple[str, ...]) -> str | None:
         except metadata.PackageNotFoundError:
             continue
     return None
-
-
-def git_commit() -> dict:
-    """{"id": sha or None, "dirty": bool or None}: the commit the numbers were measured at."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
-    try:
-        return {"id": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-    except Exception as exc:  # no git, or not a checkout (e.g. an sdist)
-        return {"id": None, "dirty": None, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _nvml(index: int) -> dict:

@@ -30,18 +30,12 @@ from pathlib import Path
 
 import torch
 
+from sfd_fast.io.provenance import git_commit
+
 REPO = Path(__file__).resolve().parents[1]
 # Measured (docs/lora.md): rank 16 at the preset's lr_fake 3e-4 lets G's forget class collapse (override
 # rate 0.00, remain 0.80: the adapter, starting at B = 0, tracks G too slowly); 3e-3 forgets like full FT.
 LORA_LR = 3e-3
-
-
-def _git(*args: str) -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
-    except Exception:
-        return None
 
 
 def environment() -> dict:
@@ -58,7 +52,7 @@ def environment() -> dict:
     return {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
             "python": platform.python_version(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+            **git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from sfd_fast.eval.fid_network import FID_NETWORK_FILE, independent_features
 from sfd_fast.eval.report import line_chart
 from sfd_fast.io.atomic import atomic_write_bytes, check_writable_dir, write_json
 from sfd_fast.io.data import ASSETS, load_embedded_mnist
+from sfd_fast.io.provenance import commit_label, git_commit
 from sfd_fast.models.networks import load_denoiser
 
 
@@ -60,14 +60,6 @@ def default_eval_at(steps: int) -> tuple[int, ...]:
         points.append(s)
         s *= 2
     return tuple(points + [steps])
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def curve_table(result: dict) -> str:
@@ -127,6 +119,7 @@ def merge(parts: list[Path], out: Path) -> int:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    commit = git_commit()  # before training: the code this run is made with
     if args.merge:
         return merge(args.merge, check_writable_dir(args.out))
     torch.set_num_threads(args.threads)
@@ -156,7 +149,7 @@ def main(argv=None) -> int:
     result["environment"] = {
         "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-        "commit": _commit(), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit_label(commit), "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "fid_network": str(FID_NETWORK_FILE.relative_to(ASSETS.parent.parent))}
     write_outputs(result, out)
     return 0

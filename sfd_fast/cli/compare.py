@@ -8,7 +8,6 @@ import functools
 import os
 import platform
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,17 +16,13 @@ import torch
 from ..eval.compare import CompareConfig, run_compare_seeds
 from ..eval.evaluate import class_grid
 from ..eval.report import markdown_table, write_report
+from ..io.provenance import commit_label, git_commit
 from .args import add_common, add_forget_args, add_sfd_config_args, sfd_config
 
 
-def environment() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+def environment(commit: dict) -> str:
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, torch {torch.__version__}, "
-            f"threads {torch.get_num_threads()}, commit {commit}, "
+            f"threads {torch.get_num_threads()}, commit {commit_label(commit)}, "
             f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
 
 
@@ -53,6 +48,7 @@ def _first_seed_grid(out: Path, num_classes: int, shape, device: str, first_seed
 def compare_main(teacher_dir, classifier_path, out: Path, cfg: CompareConfig, *, seeds: tuple[int, ...] = (0,),
                  real_split: str = "test", fid_features: str = "lenet", inception_onnx: Path | None = None,
                  device: str = "cpu", progress: bool = True, jobs: int = 1) -> list[dict]:
+    commit = git_commit()  # before training: the code this run is made with
     from ..eval.classifier import DigitClassifier
     from ..eval.fid import ClassifierFeatures, OnnxFeatures
     from ..eval.fid_network import FID_NETWORK_SHAPE, independent_features
@@ -83,7 +79,7 @@ def compare_main(teacher_dir, classifier_path, out: Path, cfg: CompareConfig, *,
                                     features=features, progress=FifthsProgress() if progress else None,
                                     on_trained=grid, jobs=jobs, threads_per_job=threads_per_job)
     meta = {"command": "sfd-fast " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("sfd-fast") else
-            shlex.join(sys.argv), "config": cfg.to_dict(), "environment": environment(),
+            shlex.join(sys.argv), "config": cfg.to_dict(), "environment": environment(commit),
             "real_split": real_split, "teacher": str(teacher_dir), "classifier": str(classifier_path),
             "noise_floor": floor, "jobs": jobs, "threads_per_job": threads_per_job if jobs > 1 else None}
     write_report(rows, meta, out)
