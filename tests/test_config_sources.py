@@ -81,6 +81,12 @@ def test_demo_preset_is_unchanged():
     assert {k: demo[k] for k in DEMO_NEW_FIELDS_OFF} == DEMO_NEW_FIELDS_OFF
 
 
+def test_quality_preset_is_the_demo_with_the_measured_longer_ema():
+    demo, quality = (json.loads(SFDConfig.from_name(n).to_json()) for n in ("demo", "quality"))
+    changed = {k: quality[k] for k in quality if quality[k] != demo[k]}
+    assert changed == {"ema_halflife_kimg": 5.0, "ema_rampup_ratio": 0.2}
+
+
 def test_config_json_from_before_issue_15_keeps_its_meaning():
     """An older state.json has ema_halflife_kimg (same name, same unit) and lacks the new fields,
     whose defaults are the old behaviour; so it loads as the run it was, not as today's defaults."""
