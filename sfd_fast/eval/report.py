@@ -12,7 +12,7 @@ from ..io.atomic import atomic_write_bytes
 # (key, header, format); FID's header names its feature space from the rows themselves.
 COLUMNS = [
     ("method", "method", "{}"),
-    ("nfe", "NFE", "{}"),
+    ("nfe", "NFE", "{:.0f}"),
     ("forget_accuracy", "forget acc ↓", "{:.3f}"),
     ("override_rate", "override rate ↑", "{:.3f}"),
     ("remain_accuracy", "remain acc ↑", "{:.3f}"),
