@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from sfd_fast.core.forget import ForgetSpec
-from sfd_fast.core.losses import edm_loss_weight, edm_training_sigma
+from sfd_fast.core.losses import edm_denoising_loss, edm_loss_weight, edm_training_sigma
 from sfd_fast.eval.classifier import CLASSIFIER_FILE, DigitClassifier
 from sfd_fast.eval.fid import ClassifierFeatures
 from sfd_fast.eval.fid_network import independent_features
@@ -46,7 +46,7 @@ def held_out_denoising_loss(teacher, images: torch.Tensor, labels: torch.Tensor,
             weight = edm_loss_weight(sigma, teacher.sigma_data)
 
             def loss(denoised):
-                return float((weight * ((denoised - x0) ** 2).flatten(1).sum(1)).sum())
+                return float(edm_denoising_loss(denoised, x0, weight)[0])
 
             totals["true_label"] += loss(teacher(noisy, sigma, c))
             totals["mean_of_classes"] += loss(torch.stack([teacher(noisy, sigma, torch.full_like(c, k))
