@@ -163,6 +163,10 @@ CASES = [
          ("compare", "--teacher", "{teacher}", "--out", "{w}/out", "--fid-features", "lenet", "--no-progress"), 2,
          r"--fid-features lenet reads \(1, 16, 16\) digits; the teacher makes \(1, 8, 8\) images: pass "
          r"--fid-features classifier or --inception-onnx", ("out",)),
+    Case("compare --jobs 2 with --inception-onnx", EXIT,
+         ("compare", "--teacher", "{teacher}", "--out", "{w}/out", "--jobs", "2", "--inception-onnx", "{w}/i.onnx",
+          "--no-progress"), 2, r"--jobs > 1 cannot share an onnxruntime session with worker processes: use --jobs 1 "
+         r"with --inception-onnx", ("out",)),
     Case("compare --jobs 0", EXIT, ("compare", "--teacher", "{teacher}", "--out", "{w}/out", "--jobs", "0",
                                    "--no-progress"), 2, r"--jobs must be >= 1, got 0", ("out",)),
 ]
