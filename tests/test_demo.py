@@ -5,6 +5,7 @@ import json
 import pytest
 
 from sfd_fast.cli.demo import TEACHER_DIR, run_demo
+from sfd_fast.core.config import SFDConfig
 from sfd_fast.eval.classifier import CLASSIFIER_FILE, DigitClassifier
 from sfd_fast.io.data import load_embedded_mnist
 
@@ -19,6 +20,7 @@ def test_demo_writes_metrics_grids_and_generator(tmp_path):
     assert metrics["forget_accuracy"] == saved["forget_accuracy"]
     assert saved["fid_features"] == "independent LeNet features" and saved["fid"] > 0 and saved["teacher_fid"] > 0
     assert saved["fid_ratio_to_teacher"] == saved["fid"] / saved["teacher_fid"]
+    assert saved["config"] == json.loads(SFDConfig.from_name("quality").to_json())  # the demo's default preset
     for name in ("samples_generator.png", "samples_teacher.png", "generator/sfd_fast.json", "train_log.json"):
         assert (tmp_path / name).exists(), name
 

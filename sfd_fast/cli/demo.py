@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..core.config import SFDConfig
+from ..core.config import SFD_PRESETS, SFDConfig
 from ..core.forget import ForgetSpec
 from ..eval.classifier import CLASSIFIER_FILE, DigitClassifier
 from ..eval.evaluate import class_grid, evaluate_sampler, teacher_sampler
@@ -30,9 +30,10 @@ TARGETS = {"forget_accuracy_max": 0.05, "override_rate_min": 0.80, "remain_gap_m
 
 
 def run_demo(out: str | Path, *, steps: int | None = None, seed: int = 0, forget: tuple[int, ...] = (0,),
-             override: tuple[int, ...] | None = (1,), per_class: int = 100, teacher_steps: int = 18,
-             teacher_dir: str | Path = TEACHER_DIR, classifier_path: str | Path = CLASSIFIER_FILE,
-             device: str = "cpu", progress: bool = True, overwrite: bool = False) -> dict:
+             override: tuple[int, ...] | None = (1,), preset: str = "quality", per_class: int = 100,
+             teacher_steps: int = 18, teacher_dir: str | Path = TEACHER_DIR,
+             classifier_path: str | Path = CLASSIFIER_FILE, device: str = "cpu", progress: bool = True,
+             overwrite: bool = False) -> dict:
     start = time.perf_counter()
     steps = DEMO_STEPS if steps is None else steps
     for name, value in (("steps", steps), ("per_class", per_class), ("teacher_steps", teacher_steps)):
@@ -43,7 +44,7 @@ def run_demo(out: str | Path, *, steps: int | None = None, seed: int = 0, forget
     torch.manual_seed(seed)
     teacher = load_denoiser(teacher_dir, device)
     classifier = DigitClassifier.load(classifier_path, device)
-    config = SFDConfig.from_name("demo").replace(seed=seed, forget_classes=tuple(forget),
+    config = SFDConfig.from_name(preset).replace(seed=seed, forget_classes=tuple(forget),
                                                  override_classes=None if override is None else tuple(override))
     spec = ForgetSpec.from_config(config, teacher.num_classes)  # validates before any work
     log = []
@@ -118,6 +119,9 @@ def add_parsers(sub) -> None:
                                    "evaluate, and write metrics.json, PNG grids and the generator to --out.")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
     p.add_argument("--steps", type=int, default=None, help="SFD iterations (default: the demo's measured budget)")
+    p.add_argument("--preset", default="quality", choices=sorted(SFD_PRESETS),
+                   help="SFD hyperparameter preset (default: %(default)s, the demo preset with the longer EMA "
+                        "measured better at the demo's budget in docs/quality/sweep.md)")
     p.add_argument("--per-class", type=int, default=100, help="evaluation samples per class (default: 100)")
     p.add_argument("--teacher-steps", type=int, default=18,
                    help="Heun steps of the teacher sampler; NFE = 2*steps-1 (default: 18)")
@@ -129,7 +133,7 @@ def add_parsers(sub) -> None:
 
 def run(args) -> int:
     m = run_demo(args.out, steps=args.steps, seed=args.seed, forget=args.forget, override=args.override,
-                 per_class=args.per_class, teacher_steps=args.teacher_steps, device=args.device,
+                 preset=args.preset, per_class=args.per_class, teacher_steps=args.teacher_steps, device=args.device,
                  progress=not args.no_progress, overwrite=args.overwrite)
     print(f"one-step generator: forget_accuracy={m['forget_accuracy']:.3f} override_rate={m['override_rate']:.3f} "
           f"remain_accuracy={m['remain_accuracy']:.3f} (NFE 1)")
