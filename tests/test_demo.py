@@ -31,6 +31,12 @@ def test_demo_rejects_bad_forget_class_before_any_work(tmp_path):
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
+def test_demo_rejects_unknown_preset_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown SFD preset 'fast'; known: \['demo', 'quality'"):
+        run_demo(tmp_path / "out", steps=1, preset="fast", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_committed_assets_load_and_classifier_is_accurate():
     assert (TEACHER_DIR / "sfd_fast.json").exists()
     clf = DigitClassifier.load(CLASSIFIER_FILE)

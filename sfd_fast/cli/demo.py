@@ -41,11 +41,11 @@ def run_demo(out: str | Path, *, steps: int | None = None, seed: int = 0, forget
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     out = check_writable_dir(out)  # refuse before training, not after it
     check_replaceable(out / "generator", "--out", overwrite)
+    config = SFDConfig.from_name(preset).replace(seed=seed, forget_classes=tuple(forget),
+                                                 override_classes=None if override is None else tuple(override))
     torch.manual_seed(seed)
     teacher = load_denoiser(teacher_dir, device)
     classifier = DigitClassifier.load(classifier_path, device)
-    config = SFDConfig.from_name(preset).replace(seed=seed, forget_classes=tuple(forget),
-                                                 override_classes=None if override is None else tuple(override))
     spec = ForgetSpec.from_config(config, teacher.num_classes)  # validates before any work
     log = []
     state = distill(teacher, config, steps, device=device, progress=progress,
