@@ -10,6 +10,7 @@ import pytest
 from evalb_helpers import small_classifier
 
 from sfd_fast.cli.main import main
+from sfd_fast.core.config import SFDConfig
 from sfd_fast.eval.compare import METHODS, CompareConfig
 from sfd_fast.models.networks import save_denoiser
 
@@ -35,8 +36,11 @@ def _tiny_compare(tmp_path, teacher, *extra: str, name: str = "cmp") -> Path:
 def test_compare_runs_every_method_and_writes_table_plots_and_grids(tmp_path, tiny_teacher, capsys):
     out = _tiny_compare(tmp_path, tiny_teacher, "--distill-steps", "1", "--robust-inner-steps", "1",
                         "--train-seeds", "0")
-    rows = {r["method"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    saved = json.loads((out / "compare.json").read_text())
+    rows = {r["method"]: r for r in saved["rows"]}
     assert list(rows) == list(METHODS)
+    sfd, quality = saved["meta"]["config"]["sfd"], SFDConfig.from_name("quality")  # the default preset: the demo's
+    assert (sfd["ema_halflife_kimg"], sfd["ema_rampup_ratio"]) == (quality.ema_halflife_kimg, quality.ema_rampup_ratio)
     # Same sampler, same noise: retention against itself is exactly 0.
     assert rows["teacher"]["retention_vs_teacher"] == 0.0
     assert rows["sid"]["retention_vs_sid"] == 0.0

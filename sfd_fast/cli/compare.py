@@ -136,7 +136,9 @@ def add_parsers(sub) -> None:
                         "sfd_fast/eval/fid_network.py) or the evaluation classifier's (default: lenet)")
     p.add_argument("--inception-onnx", type=Path, default=None,
                    help="local ONNX feature network for FID (e.g. Inception pool3); overrides --fid-features")
-    p.set_defaults(preset="demo")  # the default teacher is the embedded demo one; --preset reference for the authors'
+    # The default teacher is the embedded demo one, so the default preset is the demo's (`sfd-fast demo`
+    # trains with "quality": docs/quality/sweep.md); --preset reference for the authors'.
+    p.set_defaults(preset="quality")
     p.add_argument("--jobs", type=int, default=1,
                    help="train the seeds in this many worker processes at once, each with the torch threads "
                         "divided between them (at least 1); the seeds are independent (default: 1)")
