@@ -76,9 +76,13 @@ def test_null_row_only_training_moves_the_null_output_and_leaves_every_class_out
         pretrain_teacher(images, labels, config, steps=1, batch_size=4, null_row_only=True, progress=False)
 
 
-def test_old_teacher_folders_load_without_a_null_label(tmp_path, tiny_teacher):
+def test_embedded_teacher_has_a_null_label():
     embedded = load_denoiser(ASSETS / "teacher")
-    assert embedded.null_label is None and embedded.num_classes == 10
+    assert embedded.null_label == 10 and embedded.num_classes == 10
+    assert embedded.unet.class_embedding.weight.shape[0] == 11
+
+
+def test_old_teacher_folders_load_without_a_null_label(tmp_path, tiny_teacher):
     save_denoiser(tiny_teacher, tmp_path / "old")
     assert "null_label" not in json.loads((tmp_path / "old" / "sfd_fast.json").read_text())
     assert load_denoiser(tmp_path / "old").null_label is None
