@@ -134,3 +134,18 @@ def test_a_generator_from_a_null_label_teacher_saves_the_real_classes_only(tmp_p
     with torch.no_grad():
         torch.testing.assert_close(loaded(z, c), g(z, c), rtol=0, atol=0)
     assert g.denoiser.unet.config.num_class_embeds == 11  # the in-memory generator is left as it was
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resizing_the_class_table_keeps_dtype_rows_and_every_other_weight(tiny_teacher, dtype):
+    import copy
+
+    from sfd_fast.models.unet import resize_class_table
+
+    unet = copy.deepcopy(tiny_teacher.unet).to(dtype)
+    grown = resize_class_table(unet, 11, extra_row=torch.ones(unet.class_embedding.weight.shape[1]))
+    shrunk = resize_class_table(grown, 10)
+    assert grown.dtype == shrunk.dtype == dtype and grown.class_embedding.weight.shape[0] == 11
+    torch.testing.assert_close(grown.class_embedding.weight[10], torch.ones_like(grown.class_embedding.weight[10]))
+    for name, value in unet.state_dict().items():
+        torch.testing.assert_close(shrunk.state_dict()[name], value, rtol=0, atol=0)

@@ -105,7 +105,9 @@ def resize_class_table(unet: nn.Module, rows: int, extra_row: torch.Tensor | Non
     state["class_embedding.weight"] = new_table
     resized.load_state_dict(state)
     _require_class_conditioning(resized)
-    return resized.to(device=table.device, dtype=table.dtype).train(unet.training)
+    if table.dtype != resized.dtype:  # ModelMixin.to(dtype) logs a warning even with nothing kept in fp32
+        resized = resized.to(dtype=table.dtype)
+    return resized.to(device=table.device).train(unet.training)
 
 
 def unet_image_shape(unet: nn.Module) -> tuple[int, int, int]:
