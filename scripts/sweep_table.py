@@ -24,19 +24,19 @@ def _point(curve: dict, step: int) -> dict:
     return points[step]
 
 
-def _label(cfg: dict, base: dict) -> str:
+def _label(cfg: dict, base: dict, baseline_label: str) -> str:
     diff = [f"{k}={cfg[k]}" for k in sorted(cfg) if k not in ("seed",) and cfg[k] != base.get(k)]
-    return ", ".join(diff) or "baseline (demo preset)"
+    return ", ".join(diff) or baseline_label
 
 
-def table(curves: list[dict], baseline: dict, step: int) -> str:
+def table(curves: list[dict], baseline: dict, step: int, baseline_label: str = "baseline") -> str:
     base_cfg, teacher = baseline["config"]["sfd"], baseline["teacher"]["independent"]
     lines = ["| setting | FID classifier | FID LeNet | LeNet FID / teacher | class variance / teacher | forget acc "
              "| override | remain acc | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for curve in [baseline, *curves]:
         p = _point(curve, step)
         ind = p["independent"]
-        lines.append(f"| {_label(curve['config']['sfd'], base_cfg)} | {p['classifier']['fid']:.2f} | {ind['fid']:.2f} "
+        lines.append(f"| {_label(curve['config']['sfd'], base_cfg, baseline_label)} | {p['classifier']['fid']:.2f} | {ind['fid']:.2f} "
                      f"| {ind['fid'] / teacher['fid']:.2f}x | {ind['mean_class_variance'] / teacher['mean_class_variance']:.2f}x "
                      f"| {p['forget_accuracy']:.3f} | {p['override_rate']:.3f} | {p['remain_accuracy']:.3f} "
                      f"| {p['train_seconds']:.0f} |")
@@ -48,10 +48,12 @@ def main(argv=None) -> int:
     p.add_argument("curves", type=Path, nargs="+", help="curve.json of each run")
     p.add_argument("--baseline", type=Path, required=True, help="curve.json of the run the others change one thing of")
     p.add_argument("--step", type=int, default=400, help="training step to read (default: 400)")
+    p.add_argument("--baseline-label", default="baseline",
+                   help="first column of the baseline's row, e.g. its preset (default: baseline)")
     p.add_argument("--out", type=Path, default=None, help="write the table here (default: print it)")
     args = p.parse_args(argv)
     load = lambda path: json.loads(path.read_text())  # noqa: E731
-    text = table([load(c) for c in args.curves], load(args.baseline), args.step)
+    text = table([load(c) for c in args.curves], load(args.baseline), args.step, args.baseline_label)
     if args.out:
         args.out.write_text(text)
     print(text, end="")

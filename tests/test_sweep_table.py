@@ -27,9 +27,9 @@ def test_rows_name_what_changed_and_divide_by_the_teacher(tmp_path):
     for name, curve in (("base", base), ("ema", longer)):
         (tmp_path / f"{name}.json").write_text(json.dumps(curve))
     assert sweep_table.main([str(tmp_path / "ema.json"), "--baseline", str(tmp_path / "base.json"),
-                             "--out", str(tmp_path / "t.md")]) == 0
+                             "--baseline-label", "demo preset", "--out", str(tmp_path / "t.md")]) == 0
     rows = (tmp_path / "t.md").read_text().splitlines()[2:]
-    assert rows[0].startswith("| baseline (demo preset) | 16.00 | 8.00 | 4.00x | 0.80x |")
+    assert rows[0].startswith("| demo preset | 16.00 | 8.00 | 4.00x | 0.80x |")
     assert rows[1].startswith("| ema_halflife_kimg=5.0 | 12.00 | 6.00 | 3.00x |")  # the seed is not a setting
     with pytest.raises(SystemExit, match="no SFD point at step 25"):
         sweep_table.table([longer], base, 25)
