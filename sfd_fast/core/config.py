@@ -209,9 +209,9 @@ SFD_PRESETS: dict[str, SFDConfig] = {
     # lambda 1 the forget class is overridden within 50 steps while remain accuracy rises above
     # the initial one-step generator's; lr 1e-4 is slower for the same budget (see README).
     # ours, measured on the demo: EMA half-life 0.5 kimg and G clip 1.0 are the values the demo
-    # was first measured with (fixed here so later default changes cannot move its numbers, e.g.
-    # `sfd-fast compare`'s table); dropout stays as the demo UNet is built (none). `sfd-fast demo`
-    # itself now trains with "quality" below.
+    # was first measured with (fixed here so later default changes cannot move its numbers); dropout
+    # stays as the demo UNet is built (none). `sfd-fast demo` and `sfd-fast compare` now train with
+    # "quality" below.
     "demo": SFDConfig(batch_size=32, forget_batch_size=16, lr_gen=3e-4, lr_fake=3e-4,
                       lambda_sg=1.0, lambda_g=1.0, ema_halflife_kimg=0.5, ema_rampup_ratio=0.05,
                       grad_clip_value=1.0, train_dropout=None, fake_grad_clip_value=None),
