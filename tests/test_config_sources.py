@@ -85,6 +85,8 @@ def test_quality_preset_is_the_demo_with_the_measured_longer_ema():
     demo, quality = (json.loads(SFDConfig.from_name(n).to_json()) for n in ("demo", "quality"))
     changed = {k: quality[k] for k in quality if quality[k] != demo[k]}
     assert changed == {"ema_halflife_kimg": 5.0, "ema_rampup_ratio": 0.2}
+    long = json.loads(SFDConfig.from_name("quality-long").to_json())
+    assert {k: long[k] for k in long if long[k] != quality[k]} == {"lr_gen": 1e-4, "lr_fake": 1e-4}
 
 
 def test_config_json_from_before_issue_15_keeps_its_meaning():
