@@ -6,7 +6,8 @@
 Each row is a run's SFD point at ``--step``; its label is the settings that differ from the
 baseline run's. Columns: FID in the classifier features (what settings are chosen by) and in the
 independent LeNet features (what quality is reported in), the LeNet FID and mean per-class feature
-variance as ratios to the teacher's, forget / override / remain accuracy and training seconds.
+variance as ratios to the same run's teacher row (its own teacher and evaluation noise), forget /
+override / remain accuracy and training seconds.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ def _label(cfg: dict, base: dict, baseline_label: str) -> str:
 
 
 def table(curves: list[dict], baseline: dict, step: int, baseline_label: str = "baseline") -> str:
-    base_cfg, teacher = baseline["config"]["sfd"], baseline["teacher"]["independent"]
+    base_cfg = baseline["config"]["sfd"]
     lines = ["| setting | FID classifier | FID LeNet | LeNet FID / teacher | class variance / teacher | forget acc "
              "| override | remain acc | train s |", "|---|---|---|---|---|---|---|---|---|"]
     for curve in [baseline, *curves]:
         p = _point(curve, step)
-        ind = p["independent"]
+        # Each run's own teacher row: same teacher and evaluation noise as its generator (another
+        # --seed or --teacher moves both).
+        ind, teacher = p["independent"], curve["teacher"]["independent"]
         lines.append(f"| {_label(curve['config']['sfd'], base_cfg, baseline_label)} | {p['classifier']['fid']:.2f} | {ind['fid']:.2f} "
                      f"| {ind['fid'] / teacher['fid']:.2f}x | {ind['mean_class_variance'] / teacher['mean_class_variance']:.2f}x "
                      f"| {p['forget_accuracy']:.3f} | {p['override_rate']:.3f} | {p['remain_accuracy']:.3f} "

@@ -33,3 +33,13 @@ def test_rows_name_what_changed_and_divide_by_the_teacher(tmp_path):
     assert rows[1].startswith("| ema_halflife_kimg=5.0 | 12.00 | 6.00 | 3.00x |")  # the seed is not a setting
     with pytest.raises(SystemExit, match="no SFD point at step 25"):
         sweep_table.table([longer], base, 25)
+
+
+def test_each_row_divides_by_its_own_runs_teacher():
+    """A run with another --seed or --teacher has its own teacher row (same noise as its generator):
+    dividing it by the baseline's teacher mixed two evaluations."""
+    base, other = _curve(8.0), _curve(6.0, seed=1)
+    other["teacher"] = {"independent": {"fid": 3.0, "mean_class_variance": 60.0}}
+    rows = sweep_table.table([other], base, 400).splitlines()[2:]
+    assert rows[0].startswith("| baseline | 16.00 | 8.00 | 4.00x | 0.80x |")
+    assert rows[1].startswith("| baseline | 12.00 | 6.00 | 2.00x | 1.33x |")
