@@ -103,3 +103,16 @@ def test_written_files_and_folders_get_the_umask_mode_not_mkstemp_s(tmp_path):
     # what open()/mkdir give (0644/0755 under the usual 022), not mkstemp's 0600 / mkdtemp's 0700
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o666 & ~mask
     assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
+
+
+def test_a_saved_model_folder_is_readable_like_any_file_the_user_writes(tmp_path, tiny_teacher):
+    """diffusers' save_pretrained (safetensors >= 0.8) writes its weights 0600; the published
+    folder's files get open()'s mode, as every other file we write."""
+    from sfd_fast.models.networks import save_denoiser
+
+    mask = os.umask(0)
+    os.umask(mask)
+    save_denoiser(tiny_teacher, tmp_path / "teacher")
+    files = [f for f in (tmp_path / "teacher").rglob("*") if f.is_file()]
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in files} == {f.name: 0o666 & ~mask for f in files}

@@ -103,6 +103,11 @@ def replace_dir(tmp: Path, path: Path, overwrite: bool = False) -> None:
     Replaces only what this library wrote (``check_replaceable``): a user's folder is never deleted.
     """
     check_replaceable(path, "the model folder", overwrite=overwrite)
+    # Writers we call stage through mkstemp too (safetensors 0.8's save_file, under diffusers'
+    # save_pretrained, leaves its weights 0600): a published model is one others read.
+    for f in tmp.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(_FILE_MODE)
     old = None
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
